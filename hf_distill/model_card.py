@@ -1,0 +1,259 @@
+"""
+A model card for a distilled student: Hub metadata (`model-index`, `base_model`, tags, `teacher_model`,
+`distillation`) and a Markdown body, built offline.
+
+The card is plain text passed to `huggingface_hub.ModelCard`, which parses and checks the metadata without network
+(`ModelCard.validate()` would need the Hub and is not called). Settings whose key names a secret (`hub_token`,
+`api_key`, ...) are left out and token-like values are redacted, so a card never carries credentials.
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .glue import GlueTask, get_task
+
+BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill", "text-classification")
+
+# Names the Hub's model-index uses for our metric names.
+_METRIC_TYPES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
+_METRIC_DISPLAY_NAMES = {
+    "accuracy": "Accuracy",
+    "f1": "F1",
+    "matthews_correlation": "Matthews correlation",
+    "pearson": "Pearson correlation",
+    "spearmanr": "Spearman correlation",
+}
+# `Trainer.evaluate()` keys that are not task metrics.
+_NON_METRIC_KEYS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time"}
+_SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key|apikey|credentials?)$", re.IGNORECASE)
+_TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def build_model_card(
+    *,
+    student_id_or_path_base: str | None,
+    teacher_model_id: str,
+    task: "GlueTask | str | None",
+    dataset_id: str,
+    dataset_config: str | None,
+    model_name: str,
+    eval_results: Mapping[str, float],
+    distillation_settings: Mapping,
+    report_markdown: str | None = None,
+    chart_path: str | None = None,
+    license: str | None = "apache-2.0",
+    extra_tags: Iterable[str] = (),
+    dataset_split: str = "validation",
+) -> ModelCard:
+    """
+    Build the model card of a student distilled from a teacher.
+
+    Args:
+        student_id_or_path_base: Hub id the student was initialised from (its `base_model`); `None` or a local path
+            when there is none (e.g. a student built from a config), and then `base_model` is left out.
+        teacher_model_id: Hub id or name of the teacher (`teacher_model` metadata).
+        task: the GLUE task (or its name); `None` for a non-GLUE dataset.
+        dataset_id: Hub dataset id (`"glue"`, `"nyu-mll/glue"`) or a short description of local data
+            (`"local GLUE copy"`), which is shown in the body but kept out of the `datasets` metadata.
+        dataset_config: dataset config, e.g. `"sst2"`; defaults to the task name.
+        model_name: name of the model in `model-index` and the card title.
+        eval_results: `{metric name: value}` on `dataset_split`; `Trainer.evaluate()` output works too (the
+            `eval_` prefix and non-metric keys such as `eval_loss` are dropped).
+        distillation_settings: temperature, alpha, loss weights, layer map, student initialisation, ...; stored
+            under the `distillation` metadata key and listed in the body.
+        report_markdown: a Markdown table comparing teacher, baseline and student (see `report_to_markdown`).
+        chart_path: file name, relative to the card's folder, of a PNG chart to embed.
+        license: licence id for the metadata.
+        extra_tags: tags added to the defaults.
+        dataset_split: split the results were measured on (`"validation_matched"` for mnli).
+
+    Returns:
+        `huggingface_hub.ModelCard`; `card.save(os.path.join(output_dir, "README.md"))` writes it.
+    """
+    task = get_task(task) if task is not None else None
+    dataset_config = dataset_config or (task.name if task else None)
+    metrics = _task_metrics(eval_results)
+    settings = _yaml_safe(_without_secrets(dict(distillation_settings)))
+    base_model = student_id_or_path_base if _is_hub_id(student_id_or_path_base) else None
+    hub_dataset = dataset_id if _is_hub_id(dataset_id) else None
+    dataset_type = hub_dataset or ("glue" if task else "local")
+    dataset_name = f"GLUE {task.name.upper()}" if task else dataset_id
+
+    tags = list(dict.fromkeys([*BASE_TAGS, *([task.name] if task else []), *extra_tags]))
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=[hub_dataset] if hub_dataset else None,
+        eval_results=[
+            EvalResult(
+                task_type="text-classification",
+                task_name="Text Classification",
+                dataset_type=dataset_type,
+                dataset_name=dataset_name,
+                dataset_config=dataset_config,
+                dataset_split=dataset_split,
+                metric_type=_METRIC_TYPES.get(name, name),
+                metric_name=_METRIC_DISPLAY_NAMES.get(name, name),
+                metric_value=value,
+            )
+            for name, value in metrics.items()
+        ]
+        or None,
+        library_name="transformers",
+        license=license,
+        model_name=model_name,
+        pipeline_tag="text-classification",
+        tags=tags,
+        teacher_model=teacher_model_id,
+        distillation=settings,
+    )
+    body = _card_body(
+        model_name=model_name,
+        base_model=student_id_or_path_base,
+        teacher_model_id=teacher_model_id,
+        task=task,
+        dataset_description=(
+            f"dataset `{hub_dataset}`" + (f", config `{dataset_config}`" if dataset_config else "")
+            if hub_dataset
+            else dataset_id
+        ),
+        dataset_split=dataset_split,
+        metrics=metrics,
+        settings=settings,
+        report_markdown=report_markdown,
+        chart_path=chart_path,
+    )
+    return ModelCard(_redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
+
+
+def _is_hub_id(name: str | None) -> bool:
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return False
+    return bool(_HUB_ID.match(name))
+
+
+def _task_metrics(eval_results: Mapping[str, float]) -> dict[str, float]:
+    metrics = {}
+    for key, value in eval_results.items():
+        name = key.removeprefix("eval_")
+        if name in _NON_METRIC_KEYS or not isinstance(value, (int, float)):
+            continue
+        metrics[name] = float(value)
+    return metrics
+
+
+def _without_secrets(settings: dict) -> dict:
+    return {
+        key: _without_secrets(value) if isinstance(value, dict) else value
+        for key, value in settings.items()
+        if not _SECRET_KEY.search(str(key))
+    }
+
+
+def _yaml_safe(value):
+    """Plain YAML/JSON types only: string keys, lists for tuples, `str()` for anything else."""
+    if isinstance(value, Mapping):
+        return {str(key): _yaml_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_safe(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _redact(text: str) -> str:
+    return _TOKEN_VALUE.sub("<redacted>", text)
+
+
+def _card_body(
+    *,
+    model_name,
+    base_model,
+    teacher_model_id,
+    task,
+    dataset_description,
+    dataset_split,
+    metrics,
+    settings,
+    report_markdown,
+    chart_path,
+) -> str:
+    task_text = f"the GLUE **{task.name}** task" if task else "a text-classification task"
+    init_text = f", initialised from {_hub_link(base_model)}" if _is_hub_id(base_model) else ""
+    lines = [
+        f"# {model_name}",
+        "",
+        (
+            f"This model is a student distilled from the teacher {_hub_link(teacher_model_id)}{init_text}, on "
+            f"{task_text} ({dataset_description}), with `hf_distill`, a knowledge-distillation extension for "
+            "Hugging Face Transformers."
+        ),
+        "",
+    ]
+    if task and task.label_names:
+        lines += ["Labels: " + ", ".join(f"{i} = `{name}`" for i, name in task.id2label.items()) + ".", ""]
+    elif task:
+        lines += ["It predicts a similarity score (regression, one output).", ""]
+
+    lines += ["## Distillation", ""]
+    setting_lines = [f"- **{key}**: {_format_setting(value)}" for key, value in settings.items()]
+    lines += setting_lines or ["- (no settings recorded)"]
+    lines += [""]
+
+    lines += ["## Results", ""]
+    if metrics:
+        lines += [f"On the `{dataset_split}` split:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {_METRIC_DISPLAY_NAMES.get(name, name)} | {value:.4f} |" for name, value in metrics.items()]
+        lines += [""]
+    if report_markdown:
+        lines += [
+            "Teacher, baseline (the student architecture fine-tuned without distillation) and student:",
+            "",
+            report_markdown.strip(),
+            "",
+        ]
+    if not metrics and not report_markdown:
+        lines += ["No evaluation results were recorded.", ""]
+    if chart_path:
+        lines += [f"![Task metric and throughput of teacher, baseline and student]({chart_path})", ""]
+
+    lines += [
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        'model_id = "<this repository or folder>"',
+        "tokenizer = AutoTokenizer.from_pretrained(model_id)",
+        "model = AutoModelForSequenceClassification.from_pretrained(model_id)",
+        *(
+            ['inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")']
+            if task and len(task.text_columns) == 2
+            else ['inputs = tokenizer("a sentence to classify", return_tensors="pt")']
+        ),
+        "outputs = model(**inputs)",
+        "```",
+        "",
+        "## Limitations",
+        "",
+        "- The student is trained and evaluated on one task only; it is not a general-purpose encoder.",
+        "- It inherits the teacher's errors and biases as well as those of the training data.",
+        f"- Results are for the `{dataset_split}` split and may not carry over to other domains or text styles.",
+        "- Throughput figures, when given, depend on the hardware, batch size and sequence lengths of the benchmark.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _hub_link(name: str) -> str:
+    return f"[`{name}`](https://huggingface.co/{name})" if _is_hub_id(name) else f"`{name}`"
+
+
+def _format_setting(value) -> str:
+    if isinstance(value, (dict, list)):
+        return f"`{json.dumps(value)}`"
+    return f"`{value}`"

@@ -1,0 +1,226 @@
+"""
+Teacher vs baseline vs student: size, task metric and throughput, as JSON, a Markdown table and a bar chart.
+
+`retention` is a model's task metric divided by the teacher's; `speedup` its throughput divided by the teacher's.
+"""
+
+import inspect
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+_BAR_COLORS = {"teacher": "#4c72b0", "baseline": "#8c8c8c", "student": "#dd8452"}
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters of `model` (shared tensors counted once)."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def size_on_disk(path: str) -> int:
+    """Bytes of the weight files (`*.safetensors`, `*.bin`) directly in the saved model folder `path`."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path!r} is not a folder. Pass the folder written by `save_pretrained`.")
+    sizes = [
+        os.path.getsize(os.path.join(path, name))
+        for name in os.listdir(path)
+        if name.endswith(WEIGHT_FILE_SUFFIXES) and os.path.isfile(os.path.join(path, name))
+    ]
+    if not sizes:
+        raise FileNotFoundError(
+            f"No weight file (*.safetensors, *.bin) in {path!r}. Save the model there with `save_pretrained` first."
+        )
+    return sum(sizes)
+
+
+def _model_input_names(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters) - {"labels", "label", "kwargs", "args"}
+
+
+@torch.inference_mode()
+def measure_latency(
+    model: torch.nn.Module,
+    dataset,
+    data_collator,
+    batch_size: int = 32,
+    num_warmup_batches: int = 2,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """
+    Measure inference throughput of `model` over a tokenized `datasets.Dataset` (or list of dicts), in order.
+
+    Only the columns `model.forward` accepts (e.g. `input_ids`, `attention_mask`, `token_type_ids`) are kept;
+    labels, `idx` and teacher columns are dropped. Batches are collated before timing, so the time is the forward
+    passes only. The first `num_warmup_batches` batches are run once untimed; then every batch (at most
+    `max_batches`) is timed with `time.perf_counter`. Inputs go to the model's device; put the model on CPU for
+    CPU figures.
+
+    Returns:
+        `{"examples_per_second", "ms_per_batch", "batch_size", "num_examples", "num_batches"}`.
+    """
+    if len(dataset) == 0:
+        raise ValueError("The dataset is empty; pass at least one tokenized example to measure latency.")
+    model.eval()
+    device = next(model.parameters()).device
+    input_names = _model_input_names(model) & set(dataset[0].keys())
+    if not input_names:
+        raise ValueError(
+            f"No column of the dataset ({sorted(dataset[0].keys())}) is an input of {type(model).__name__}.forward. "
+            "Tokenize the dataset first (see `hf_distill.glue.tokenize_glue`)."
+        )
+
+    num_batches = math.ceil(len(dataset) / batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    batches = []
+    for start in range(0, num_batches * batch_size, batch_size):
+        rows = dataset[start : start + batch_size]
+        if isinstance(rows, dict):
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        features = [{name: row[name] for name in input_names} for row in rows]
+        batches.append({name: tensor.to(device) for name, tensor in data_collator(features).items()})
+
+    for batch in batches[:num_warmup_batches]:
+        model(**batch)
+    _synchronize(device)
+    start_time = time.perf_counter()
+    for batch in batches:
+        model(**batch)
+    _synchronize(device)
+    elapsed = time.perf_counter() - start_time
+
+    num_examples = sum(len(batch["input_ids" if "input_ids" in batch else next(iter(batch))]) for batch in batches)
+    return {
+        "examples_per_second": num_examples / elapsed,
+        "ms_per_batch": 1000 * elapsed / len(batches),
+        "batch_size": batch_size,
+        "num_examples": num_examples,
+        "num_batches": len(batches),
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class ReportRow:
+    """One model of the report: `name` is `"teacher"`, `"baseline"` or `"student"`."""
+
+    name: str
+    model_path: str
+    metric_name: str
+    metric_value: float
+    num_parameters: int
+    size_bytes: int
+    examples_per_second: float
+    all_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def build_report(rows: list[ReportRow], main_metric: str) -> dict:
+    """
+    Combine the rows and add `retention` and `speedup` relative to the row named `"teacher"`.
+
+    Returns:
+        `{"main_metric": str, "rows": [dict of each `ReportRow` field plus "retention" and "speedup"]}`; the two
+        ratios are `None` when there is no teacher row or its value is 0.
+    """
+    teachers = [row for row in rows if row.name == "teacher"]
+    if len(teachers) > 1:
+        raise ValueError("The report has more than one row named 'teacher'; give exactly one teacher row.")
+    teacher = teachers[0] if teachers else None
+    for row in rows:
+        if row.metric_name != main_metric:
+            raise ValueError(
+                f"Row {row.name!r} reports {row.metric_name!r}, but the report compares {main_metric!r}. "
+                "Use the task's main metric for every row."
+            )
+
+    def ratio(value, reference):
+        return value / reference if reference else None
+
+    return {
+        "main_metric": main_metric,
+        "rows": [
+            {
+                **asdict(row),
+                "retention": ratio(row.metric_value, teacher.metric_value) if teacher else None,
+                "speedup": ratio(row.examples_per_second, teacher.examples_per_second) if teacher else None,
+            }
+            for row in rows
+        ],
+    }
+
+
+def report_to_markdown(report: dict) -> str:
+    """A Markdown table: model | metric | params (M) | size (MB) | examples/s | retention | speed-up."""
+
+    def optional(value, template):
+        return "–" if value is None else template.format(value)
+
+    lines = [
+        f"| model | {report['main_metric']} | params (M) | size (MB) | examples/s | retention | speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['name']} | {row['metric_value']:.4f} | {row['num_parameters'] / 1e6:.2f} | "
+            f"{row['size_bytes'] / 1e6:.1f} | {row['examples_per_second']:.1f} | "
+            f"{optional(row['retention'], '{:.1%}')} | {optional(row['speedup'], '{:.2f}×')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, output_dir: str) -> dict[str, str | None]:
+    """
+    Write `results.json`, `report.md` and `report.png` (task metric and throughput per model) to `output_dir`.
+
+    The chart needs matplotlib (the `examples` extra); without it the PNG is skipped with a warning.
+
+    Returns:
+        `{"json": path, "markdown": path, "chart": path or None}`.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, "results.json")
+    with open(json_path, "w", encoding="utf-8") as file:
+        json.dump(report, file, indent=2)
+    markdown_path = os.path.join(output_dir, "report.md")
+    with open(markdown_path, "w", encoding="utf-8") as file:
+        file.write(report_to_markdown(report))
+    return {"json": json_path, "markdown": markdown_path, "chart": _write_chart(report, output_dir)}
+
+
+def _write_chart(report: dict, output_dir: str) -> str | None:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed, so report.png is skipped. Install it: `pip install matplotlib`.")
+        return None
+    names = [row["name"] for row in report["rows"]]
+    colors = [_BAR_COLORS.get(name, "#55a868") for name in names]
+    # Figure + Agg canvas rather than pyplot, so the caller's matplotlib backend is left alone.
+    figure = Figure(figsize=(9, 3.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    metric_axes, speed_axes = figure.subplots(1, 2)
+    for axes, key, title in (
+        (metric_axes, "metric_value", report["main_metric"]),
+        (speed_axes, "examples_per_second", "throughput (examples/s)"),
+    ):
+        values = [row[key] for row in report["rows"]]
+        bars = axes.bar(names, values, color=colors)
+        axes.bar_label(bars, fmt="%.3g")
+        axes.set_title(title)
+        axes.margins(y=0.15)
+    chart_path = os.path.join(output_dir, "report.png")
+    figure.savefig(chart_path, dpi=120)
+    return chart_path

@@ -1,0 +1,81 @@
+"""Shared helpers: tiny random BERT teachers and students, and tokenized toy datasets. No network, no ../shared."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+
+VOCAB_SIZE = 99
+NUM_LABELS = 3
+
+
+def tiny_bert(hidden_size=32, num_layers=2, num_labels=NUM_LABELS, seed=0, dropout=0.0, **config_kwargs):
+    """A random `BertForSequenceClassification`; dropout off by default so runs are exactly comparable."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        **config_kwargs,
+    )
+    return BertForSequenceClassification(config)
+
+
+def toy_dataset(num_examples=32, num_labels=NUM_LABELS, min_length=4, max_length=12, seed=0, with_labels=True):
+    """Tokenized examples of random lengths: `input_ids`, `attention_mask` and `label`."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_length, max_length + 1, size=num_examples)
+    columns = {
+        "input_ids": [[2, *rng.integers(5, VOCAB_SIZE, size=length - 2).tolist(), 3] for length in lengths],
+        "attention_mask": [[1] * int(length) for length in lengths],
+    }
+    if with_labels:
+        if num_labels == 1:
+            columns["label"] = rng.uniform(0, 5, size=num_examples).tolist()
+        else:
+            columns["label"] = rng.integers(0, num_labels, size=num_examples).tolist()
+    return Dataset.from_dict(columns)
+
+
+@pytest.fixture
+def teacher():
+    return tiny_bert(hidden_size=48, num_layers=4, seed=1)
+
+
+@pytest.fixture
+def student():
+    return tiny_bert(hidden_size=32, num_layers=2, seed=2)
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "teacher_cache")
+
+
+def tiny_tokenizer(folder):
+    """A BERT WordPiece tokenizer over `[PAD] [UNK] [CLS] [SEP] [MASK] w5 … w98`, ids matching `toy_dataset`."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, VOCAB_SIZE)]
+    vocab_file = os.path.join(folder, "vocab.txt")
+    with open(vocab_file, "w") as file:
+        file.write("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=vocab_file)
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    return tiny_tokenizer(str(tmp_path))

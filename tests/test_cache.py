@@ -1,0 +1,145 @@
+"""Teacher-logit cache: values, order, reuse, stale refusal, atomic builds and bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert, toy_dataset
+
+from hf_distill import cache_teacher_logits
+from hf_distill.cache import METADATA_FILE, default_cache_path
+
+
+def reference_logits(teacher, dataset):
+    """One unpadded forward per example, in dataset order."""
+    teacher.eval()
+    with torch.no_grad():
+        return np.stack(
+            [teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0].numpy() for row in dataset]
+        )
+
+
+class CountingForward:
+    """Wraps `teacher.forward` to count calls."""
+
+    def __init__(self, teacher):
+        self.calls = 0
+        self.forward = teacher.forward
+        teacher.forward = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.forward(*args, **kwargs)
+
+
+def test_logits_match_unbatched_forward_in_original_order(teacher, cache_dir):
+    dataset = toy_dataset(40)
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32", batch_size=7)
+    assert cached.column_names == ["input_ids", "attention_mask", "label", "teacher_logits"]
+    assert cached["label"] == dataset["label"]
+    np.testing.assert_allclose(np.array(cached["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
+
+
+def test_float16_storage(teacher, cache_dir):
+    dataset = toy_dataset(12)
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    assert cached.features["teacher_logits"].feature.dtype == "float16"
+    expected = reference_logits(teacher, dataset)
+    np.testing.assert_allclose(np.array(cached["teacher_logits"]), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_matching_cache_is_reused_without_running_the_teacher(teacher, cache_dir):
+    dataset = toy_dataset(16)
+    first = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    counter = CountingForward(teacher)
+    second = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    assert counter.calls == 0
+    assert second["teacher_logits"] == first["teacher_logits"]
+
+
+def test_stale_cache_is_refused_with_the_differences(cache_dir):
+    dataset = toy_dataset(16)
+    cache_teacher_logits(tiny_bert(48, 4, seed=1), dataset, cache_dir=cache_dir)
+    other_teacher = tiny_bert(48, 4, seed=7)
+    with pytest.raises(ValueError, match=r"(?s)teacher_weights_digest: cached .*Delete that folder.*overwrite"):
+        cache_teacher_logits(other_teacher, dataset, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"dtype: cached 'float16', now 'float32'"):
+        cache_teacher_logits(tiny_bert(48, 4, seed=1), dataset, cache_dir=cache_dir, dtype="float32")
+    rebuilt = cache_teacher_logits(other_teacher, dataset, cache_dir=cache_dir, dtype="float32", overwrite=True)
+    np.testing.assert_allclose(np.array(rebuilt["teacher_logits"]), reference_logits(other_teacher, dataset), atol=1e-5)
+
+
+def test_stale_tokenizer_is_refused(teacher, cache_dir, tokenizer, tmp_path):
+    dataset = toy_dataset(8)
+    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
+    tokenizer.add_tokens(["brandnewtoken"])
+    with pytest.raises(ValueError, match="tokenizer_digest"):
+        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
+
+
+def test_interrupted_build_leaves_nothing_that_reads_as_valid(teacher, cache_dir):
+    dataset = toy_dataset(30)
+    counter = CountingForward(teacher)
+
+    def fail_on_third_batch(*args, **kwargs):
+        counter.calls += 1
+        if counter.calls == 3:
+            raise KeyboardInterrupt
+        return counter.forward(*args, **kwargs)
+
+    teacher.forward = fail_on_third_batch
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, batch_size=8)
+    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", cache_dir))
+    assert not os.path.exists(cache_dir) or os.listdir(cache_dir) == []
+
+    teacher.forward = counter.forward
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, batch_size=8, dtype="float32")
+    np.testing.assert_allclose(np.array(cached["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
+
+
+def test_interrupted_write_is_cleaned_up(teacher, cache_dir, monkeypatch):
+    dataset = toy_dataset(8)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("datasets.Dataset.save_to_disk", fail)
+    with pytest.raises(OSError, match="disk full"):
+        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    assert os.listdir(cache_dir) == []
+
+
+def test_record_names_what_produced_the_cache(teacher, cache_dir, tokenizer):
+    dataset = toy_dataset(8, max_length=10)
+    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
+    with open(os.path.join(default_cache_path(dataset, "teacher_logits", cache_dir), METADATA_FILE)) as file:
+        record = json.load(file)
+    assert record["dataset_fingerprint"] == dataset._fingerprint
+    assert record["max_length"] == max(len(ids) for ids in dataset["input_ids"])
+    assert record["dtype"] == "float16"
+    assert record["num_labels"] == 3
+    assert len(record["teacher_weights_digest"]) == 64 and len(record["tokenizer_digest"]) == 64
+
+
+def test_bad_input(teacher, cache_dir):
+    with pytest.raises(ValueError, match="dataset is empty"):
+        cache_teacher_logits(teacher, toy_dataset(4).select([]), cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="no 'input_ids' column.*tokenize it"):
+        cache_teacher_logits(teacher, toy_dataset(4).remove_columns("input_ids"), cache_dir=cache_dir)
+    with pytest.raises(ValueError, match="dtype='bfloat16' is not supported"):
+        cache_teacher_logits(teacher, toy_dataset(4), cache_dir=cache_dir, dtype="bfloat16")
+    assert not os.path.exists(cache_dir)
+
+
+def test_overflowing_logits_are_refused(teacher, cache_dir):
+    with torch.no_grad():
+        teacher.classifier.bias.fill_(1e5)
+    dataset = toy_dataset(4)
+    with pytest.raises(ValueError, match="NaN or infinite teacher logits.*float32"):
+        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", cache_dir))
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
+    assert np.isfinite(np.array(cached["teacher_logits"])).all()
