@@ -7,8 +7,11 @@ embedding loss handles and which is never part of a layer map. Attentions are 0-
 
 Every loss is a pure function of tensors. It is computed in float32, whatever dtype its inputs arrive in, and
 ignores padding through `attention_mask` `(batch, seq_len)` with 1 for a real token: padded positions may hold any
-finite values without changing the loss or its gradients. A batch without a real token gives 0, still connected to
-the inputs' graph.
+finite values without changing the loss or its gradients. Each loss is averaged over the real positions of each
+example, then over the examples that have a real token, so every example counts equally whatever its length. That
+makes the losses means over examples, like the logit losses: a batch split across processes (DDP) or accumulation
+steps into equal parts gives exactly the full batch's loss and gradient. A batch without a real token gives 0,
+still connected to the inputs' graph.
 
 Shapes: hidden states and values are `(batch, seq_len, hidden_size)`; attentions are the post-softmax probabilities
 `(batch, num_heads, seq_len, seq_len)` that eager attention returns (SDPA and flash attention return none).
@@ -164,6 +167,13 @@ def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -
         )
 
 
+def _mean_over_examples(per_example_sum: torch.Tensor, per_example_count: torch.Tensor) -> torch.Tensor:
+    """Mean over examples of `sum / count` `(batch,)`, skipping examples whose count is 0."""
+    has_real = per_example_count > 0
+    per_example = per_example_sum / per_example_count.clamp_min(1)
+    return torch.where(has_real, per_example, 0.0).sum() / has_real.sum().clamp_min(1)
+
+
 def hidden_mse_loss(
     student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -175,21 +185,22 @@ def hidden_mse_loss(
         attention_mask: `(batch, seq_len)`, 1 for real tokens.
 
     Returns:
-        float32 scalar: sum of squared errors over real tokens / (num real tokens * hidden_size).
+        float32 scalar: per example, squared errors summed over real tokens / (its real tokens * hidden_size);
+        then the mean over examples.
     """
     _check_same_shape(student_hidden, teacher_hidden, "hidden states")
     real = _real_token_mask(attention_mask, student_hidden.shape[:2], "hidden_mse_loss")[..., None]
     # Zeroing padding before the arithmetic keeps garbage (even inf) out of both the loss and its gradient.
     student = torch.where(real, student_hidden.float(), 0.0)
     teacher = torch.where(real, teacher_hidden.float(), 0.0)
-    squared_error_sum = (student - teacher).square().sum()
-    return squared_error_sum / (real.sum() * student_hidden.shape[-1]).clamp_min(1)
+    squared_error_sums = (student - teacher).square().sum(dim=(1, 2))
+    return _mean_over_examples(squared_error_sums, real.sum(dim=(1, 2)) * student_hidden.shape[-1])
 
 
 def hidden_cosine_loss(
     student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over real tokens of 1 − cos(student, teacher): DistilBERT's cosine-embedding loss with target 1.
+    """Mean of 1 − cos(student, teacher) over real tokens, then examples: DistilBERT's cosine loss with target 1.
 
     Args:
         student_hidden: `(batch, seq_len, hidden_size)`, already projected to the teacher's width if needed.
@@ -204,7 +215,7 @@ def hidden_cosine_loss(
     student = torch.where(real[..., None], student_hidden.float(), 0.0)
     teacher = torch.where(real[..., None], teacher_hidden.float(), 0.0)
     cosine_distance = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
-    return torch.where(real, cosine_distance, 0.0).sum() / real.sum().clamp_min(1)
+    return _mean_over_examples(torch.where(real, cosine_distance, 0.0).sum(dim=1), real.sum(dim=1))
 
 
 def _match_heads(student_attention: torch.Tensor, teacher_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,19 +251,20 @@ def attention_mse_loss(
         attention_mask: `(batch, seq_len)`, 1 for real tokens.
 
     Returns:
-        float32 scalar: squared error summed over real pairs and heads / (num real pairs * num heads compared).
+        float32 scalar: per example, squared error summed over real pairs and heads / (its real pairs * num heads
+        compared); then the mean over examples.
     """
     student, teacher = _match_heads(student_attention, teacher_attention)
     real = _real_token_mask(attention_mask, student.shape[:1] + student.shape[2:3], "attention_mse_loss")
     real_pairs = (real[:, :, None] & real[:, None, :])[:, None]
-    squared_error = torch.where(real_pairs, student - teacher, 0.0).square()
-    return squared_error.sum() / (real_pairs.sum() * student.shape[1]).clamp_min(1)
+    squared_error_sums = torch.where(real_pairs, student - teacher, 0.0).square().sum(dim=(1, 2, 3))
+    return _mean_over_examples(squared_error_sums, real_pairs.sum(dim=(1, 2, 3)) * student.shape[1])
 
 
 def _row_kl_over_real_keys(
     teacher_log_probs: torch.Tensor, student_log_probs: torch.Tensor, real: torch.Tensor
 ) -> torch.Tensor:
-    """KL(teacher ∥ student) per real query row, averaged over heads and real query rows.
+    """KL(teacher ∥ student) per real query row, averaged over heads and real query rows, then over examples.
 
     Log-probabilities are `(batch, heads, seq_len, seq_len)` over keys; `real` is the bool `(batch, seq_len)` mask.
     """
@@ -260,7 +272,8 @@ def _row_kl_over_real_keys(
     per_key = teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)
     per_row = torch.where(real_keys, per_key, 0.0).sum(dim=-1)
     real_rows = real[:, None, :]
-    return torch.where(real_rows, per_row, 0.0).sum() / (real.sum() * per_row.shape[1]).clamp_min(1)
+    per_example_sums = torch.where(real_rows, per_row, 0.0).sum(dim=(1, 2))
+    return _mean_over_examples(per_example_sums, real.sum(dim=1) * per_row.shape[1])
 
 
 def _log_probs_over_real_keys(probs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -280,7 +293,7 @@ def attention_relation_loss(
     """MiniLM self-attention distribution transfer: KL(teacher ∥ student) per query row over real keys.
 
     Each row is renormalised over real keys (which undoes attention dropout's rescaling), and the KL is averaged
-    over heads and real query positions. When the head counts differ both attentions are averaged over heads first.
+    over heads and real query positions, then over examples. When the head counts differ both attentions are averaged over heads first.
     MiniLM applies it to the last layer.
 
     Args:
@@ -326,7 +339,8 @@ def value_relation_loss(
 
     Each tensor is split into `num_relation_heads` heads; the relation is softmax(V Vᵀ / sqrt(d_head)) over real
     keys, `(batch, num_relation_heads, seq_len, seq_len)`, so student and teacher widths may differ. The loss is
-    KL(teacher ∥ student) per real query row, averaged over relation heads and real query positions.
+    KL(teacher ∥ student) per real query row, averaged over relation heads and real query positions, then over
+    examples.
 
     Args:
         student_values: `(batch, seq_len, student_width)`: a layer's values, or its input hidden states.

@@ -6,11 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import BertConfig, BertForSequenceClassification
 
 VOCAB_SIZE = 99
 NUM_LABELS = 3
@@ -65,15 +65,16 @@ def cache_dir(tmp_path):
     return str(tmp_path / "teacher_cache")
 
 
-def tiny_tokenizer(folder):
-    """A BERT WordPiece tokenizer over `[PAD] [UNK] [CLS] [SEP] [MASK] w5 … w98`, ids matching `toy_dataset`."""
+def tiny_tokenizer(folder, words=None):
+    """A BERT WordPiece tokenizer over `[PAD] [UNK] [CLS] [SEP] [MASK]` + `words` (default `w5 … w98`, ids matching
+    `toy_dataset`), saved in `folder` so that `from_pretrained(folder)` loads it."""
     from transformers import BertTokenizerFast
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(5, VOCAB_SIZE)]
-    vocab_file = os.path.join(folder, "vocab.txt")
-    with open(vocab_file, "w") as file:
-        file.write("\n".join(vocab) + "\n")
-    return BertTokenizerFast(vocab_file=vocab_file)
+    words = [f"w{i}" for i in range(5, VOCAB_SIZE)] if words is None else list(words)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words
+    tokenizer = BertTokenizerFast(vocab={token: index for index, token in enumerate(vocab)})
+    tokenizer.save_pretrained(folder)
+    return tokenizer
 
 
 @pytest.fixture

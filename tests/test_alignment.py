@@ -27,23 +27,31 @@ def _random_attention(batch, heads, seq_len, mask, generator):
     return scores.softmax(dim=-1)
 
 
-def _real_positions(mask):
-    return [(b, i) for b in range(mask.shape[0]) for i in range(mask.shape[1]) if mask[b, i]]
+def _per_example_mean(per_example_values):
+    """Mean over examples of each example's mean: every example counts equally, whatever its length."""
+    return float(np.mean([np.mean(values) for values in per_example_values if len(values)]))
+
+
+def _real_indices(mask):
+    return [np.flatnonzero(row) for row in mask.numpy()]
 
 
 def reference_hidden_mse(student, teacher, mask):
-    student, teacher, mask = student.double().numpy(), teacher.double().numpy(), mask.numpy()
-    errors = [np.mean((student[b, i] - teacher[b, i]) ** 2) for b, i in _real_positions(mask)]
-    return float(np.mean(errors))
+    student, teacher = student.double().numpy(), teacher.double().numpy()
+    return _per_example_mean(
+        [[np.mean((student[b, i] - teacher[b, i]) ** 2) for i in real] for b, real in enumerate(_real_indices(mask))]
+    )
 
 
 def reference_hidden_cosine(student, teacher, mask):
-    student, teacher, mask = student.double().numpy(), teacher.double().numpy(), mask.numpy()
-    distances = [
-        1 - student[b, i] @ teacher[b, i] / (np.linalg.norm(student[b, i]) * np.linalg.norm(teacher[b, i]))
-        for b, i in _real_positions(mask)
-    ]
-    return float(np.mean(distances))
+    student, teacher = student.double().numpy(), teacher.double().numpy()
+
+    def distance(a, b):
+        return 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+    return _per_example_mean(
+        [[distance(student[b, i], teacher[b, i]) for i in real] for b, real in enumerate(_real_indices(mask))]
+    )
 
 
 def _head_averaged(student, teacher):
@@ -55,44 +63,43 @@ def _head_averaged(student, teacher):
 
 def reference_attention_mse(student, teacher, mask):
     student, teacher = _head_averaged(student, teacher)
-    mask = mask.numpy()
-    errors = []
-    for b in range(mask.shape[0]):
-        real = np.flatnonzero(mask[b])
+    per_example = []
+    for b, real in enumerate(_real_indices(mask)):
+        errors = []
         for h in range(student.shape[1]):
             errors.extend(((student[b, h][np.ix_(real, real)] - teacher[b, h][np.ix_(real, real)]) ** 2).ravel())
-    return float(np.mean(errors))
+        per_example.append(errors)
+    return _per_example_mean(per_example)
 
 
 def reference_attention_relation(student, teacher, mask):
     student, teacher = _head_averaged(student, teacher)
-    mask = mask.numpy()
-    divergences = []
-    for b in range(mask.shape[0]):
-        real = np.flatnonzero(mask[b])
+    per_example = []
+    for b, real in enumerate(_real_indices(mask)):
+        divergences = []
         for h in range(student.shape[1]):
             for i in real:
                 teacher_row = teacher[b, h, i, real] / teacher[b, h, i, real].sum()
                 student_row = student[b, h, i, real] / student[b, h, i, real].sum()
                 divergences.append(rel_entr(teacher_row, student_row).sum())
-    return float(np.mean(divergences))
+        per_example.append(divergences)
+    return _per_example_mean(per_example)
 
 
 def reference_value_relation(student, teacher, mask, num_relation_heads):
-    mask = mask.numpy()
-
     def relation_log_probs(values, b, h, real):
         head = np.split(values.double().numpy()[b], num_relation_heads, axis=-1)[h][real]
         return log_softmax(head @ head.T / np.sqrt(head.shape[-1]), axis=-1)
 
-    divergences = []
-    for b in range(mask.shape[0]):
-        real = np.flatnonzero(mask[b])
+    per_example = []
+    for b, real in enumerate(_real_indices(mask)):
+        divergences = []
         for h in range(num_relation_heads):
             teacher_log = relation_log_probs(teacher, b, h, real)
             student_log = relation_log_probs(student, b, h, real)
             divergences.extend((np.exp(teacher_log) * (teacher_log - student_log)).sum(axis=-1))
-    return float(np.mean(divergences))
+        per_example.append(divergences)
+    return _per_example_mean(per_example)
 
 
 @pytest.fixture

