@@ -1,11 +1,21 @@
 """`DistillationTrainingArguments`: `TrainingArguments` plus the knobs of knowledge distillation."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from transformers import TrainingArguments
 
 DISTILLATION_LOSSES = ("auto", "kl", "mse")
 CACHE_DTYPES = ("float16", "float32")
+# Alignment-loss weight fields, each a term `loss_<name without _loss_weight>` in the logs.
+ALIGNMENT_WEIGHTS = (
+    "hidden_loss_weight",
+    "embedding_loss_weight",
+    "hidden_cosine_loss_weight",
+    "attention_loss_weight",
+    "attention_relation_loss_weight",
+    "value_relation_loss_weight",
+)
 
 
 @dataclass
@@ -13,7 +23,8 @@ class DistillationTrainingArguments(TrainingArguments):
     r"""
     Arguments for [`DistillationTrainer`]. Every [`~transformers.TrainingArguments`] field is accepted as well.
 
-    The training loss is `alpha * loss_kd + (1 - alpha) * loss_ce`, plus the weighted alignment terms.
+    The training loss is `logits_loss_weight * (alpha * loss_kd + (1 - alpha) * loss_ce)` plus the weighted
+    alignment terms `sum_i weight_i * loss_i` of the layers paired by `layer_map`.
 
     Parameters that control the distillation loss:
         temperature (`float`, defaults to `2.0`):
@@ -26,6 +37,33 @@ class DistillationTrainingArguments(TrainingArguments):
             `"kl"`: KL(teacher || student) on softened distributions, times `T * T_s` (T² when equal);
             `"mse"`: mean squared error between raw logits; `"auto"`: `"mse"` for regression heads
             (`num_labels == 1`), `"kl"` otherwise.
+        logits_loss_weight (`float`, defaults to `1.0`):
+            Weight of the whole prediction-layer term; `0` trains on the alignment losses only (TinyBERT's
+            intermediate stage).
+
+    Parameters that control intermediate-layer alignment (the teacher then runs online; 0 turns a loss off):
+        hidden_loss_weight (`float`, defaults to `0.0`):
+            MSE between the hidden states of the layers paired by `layer_map` (TinyBERT). When the widths differ the
+            student's states go through a learned linear projection, trained with the student and never exported.
+        embedding_loss_weight (`float`, defaults to `0.0`):
+            MSE between the embedding outputs (hidden state 0), through a projection when the widths differ.
+        hidden_cosine_loss_weight (`float`, defaults to `0.0`):
+            1 - cosine similarity of the paired hidden states (DistilBERT), through the projection when needed.
+        attention_loss_weight (`float`, defaults to `0.0`):
+            MSE between the paired layers' attention probabilities (TinyBERT). Needs equal head counts, or
+            compares head-averaged maps when they differ. Switches both models to eager attention.
+        attention_relation_loss_weight (`float`, defaults to `0.0`):
+            MiniLM attention-distribution transfer: KL(teacher || student) between the paired layers' attention
+            rows (any head counts). Switches both models to eager attention.
+        value_relation_loss_weight (`float`, defaults to `0.0`):
+            MiniLM value-relation transfer: KL between the token-token relations softmax(V Vᵀ / sqrt(d)) of the
+            paired layers' attention values, split into `relation_heads` heads (any widths).
+        relation_heads (`int` or `None`, defaults to `None`):
+            Heads of the value relation; `None` uses the student's `num_attention_heads`. Must divide both widths.
+        layer_map (`str` or `dict`, defaults to `"uniform"`):
+            Student layer → teacher layer, 1-based: `"uniform"` (TinyBERT: student layer i ↔ teacher layer i·k),
+            `"last"`, or `{student_layer: teacher_layer}` from Python, JSON or the command line
+            (`--layer_map '{"1": 2, "2": 4}'`).
 
     Parameters that control the teacher's logits:
         teacher_logits_column (`str`, defaults to `"teacher_logits"`):
@@ -64,6 +102,36 @@ class DistillationTrainingArguments(TrainingArguments):
         },
     )
 
+    logits_loss_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the prediction-layer term (KD + CE); 0 trains on alignment losses only."},
+    )
+
+    # Parameters that control intermediate-layer alignment
+    hidden_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state MSE of the layers paired by layer_map."}
+    )
+    embedding_loss_weight: float = field(default=0.0, metadata={"help": "Weight of the embedding-output MSE."})
+    hidden_cosine_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state cosine loss (DistilBERT)."}
+    )
+    attention_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the attention-probability MSE (TinyBERT); uses eager attention."}
+    )
+    attention_relation_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the MiniLM attention-distribution KL; uses eager attention."}
+    )
+    value_relation_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the MiniLM value-relation KL."}
+    )
+    relation_heads: int | None = field(
+        default=None, metadata={"help": "Heads of the value relation (default: the student's attention heads)."}
+    )
+    layer_map: dict | str | None = field(
+        default="uniform",
+        metadata={"help": "Student layer -> teacher layer (1-based): 'uniform', 'last' or a JSON dict."},
+    )
+
     # Parameters that control the teacher's logits
     teacher_logits_column: str = field(
         default="teacher_logits", metadata={"help": "Dataset column holding the teacher's logits."}
@@ -90,6 +158,8 @@ class DistillationTrainingArguments(TrainingArguments):
         metadata={"help": "Rebuild a teacher-logit cache that other inputs produced instead of refusing it."},
     )
 
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "layer_map"]
+
     def __post_init__(self):
         super().__post_init__()
         if self.student_temperature is None:
@@ -101,7 +171,18 @@ class DistillationTrainingArguments(TrainingArguments):
                f"one of {DISTILLATION_LOSSES}")
         _check(self.teacher_cache_dtype in CACHE_DTYPES, "teacher_cache_dtype", self.teacher_cache_dtype,
                f"one of {CACHE_DTYPES}")
+        for name in ("logits_loss_weight", *ALIGNMENT_WEIGHTS):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _check(self.relation_heads is None or self.relation_heads >= 1, "relation_heads", self.relation_heads,
+               ">= 1 or None")
+        _check(self.layer_map is not None, "layer_map", self.layer_map, "'uniform', 'last' or a dict")
         _check(self.teacher_cache_batch_size >= 1, "teacher_cache_batch_size", self.teacher_cache_batch_size, ">= 1")
+
+
+    @property
+    def uses_alignment(self) -> bool:
+        """Whether any intermediate-layer loss is on (the teacher then runs online)."""
+        return any(getattr(self, name) > 0 for name in ALIGNMENT_WEIGHTS)
 
 
 def _check(condition: bool, name: str, value, allowed: str) -> None:

@@ -1,16 +1,33 @@
 """`DistillationTrainer`: a drop-in `transformers.Trainer` whose loss distils a teacher into the student."""
 
+import inspect
+import os
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 
 import datasets
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
-from transformers.utils import logging
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import find_labels, logging
 
+from .alignment import (
+    HiddenStateProjection,
+    attention_mse_loss,
+    attention_relation_loss,
+    hidden_cosine_loss,
+    hidden_mse_loss,
+    resolve_layer_map,
+    value_relation_loss,
+)
 from .arguments import DistillationTrainingArguments
 from .cache import MODEL_INPUT_COLUMNS, cache_teacher_logits, check_teacher_logits
+from .hooks import capture_outputs, value_projections
 from .losses import kl_divergence_loss, label_loss, logit_mse_loss
+from .teacher import freeze_teacher, place_teacher, use_eager_attention
+from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
 logger = logging.get_logger(__name__)
 
@@ -47,18 +64,30 @@ def _named_labels(config) -> dict[int, str] | None:
     return id2label
 
 
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class DistillationTrainer(Trainer):
-    """`transformers.Trainer` that trains the student on `alpha * loss_kd + (1 - alpha) * loss_ce`.
+    """`transformers.Trainer` that trains the student on the teacher's outputs as well as the labels.
+
+    The loss is `logits_loss_weight * (alpha * loss_kd + (1 - alpha) * loss_ce) + sum_i weight_i * loss_i` over the
+    intermediate-layer alignment losses that have a weight > 0 (see [`DistillationTrainingArguments`]).
 
     The teacher's logits come from the dataset column `args.teacher_logits_column` when it is present (the fast
     path: a distillation step then costs a plain training step). Given a `teacher_model` and a dataset without that
     column, the trainer builds the column once with [`cache_teacher_logits`] (`args.use_teacher_cache=True`, the
-    default) or runs the frozen teacher on every batch (`use_teacher_cache=False`).
+    default) or runs the frozen teacher on every batch (`use_teacher_cache=False`, or any alignment loss on).
+
+    When an alignment loss compares hidden states of different widths, `self.model` is a [`DistillWrapper`] of the
+    student and its learned projections; `self.student` is always the student, and `save_model` exports it alone.
 
     Args:
-        model: the student.
+        model: the student (a `PreTrainedModel` or a PEFT model).
         args: [`DistillationTrainingArguments`].
-        teacher_model: optional frozen teacher sharing the student's label space and tokenizer.
+        teacher_model: optional teacher sharing the student's label space and tokenizer. It is frozen (a PEFT
+            teacher is merged first), placed by accelerate, never wrapped in DDP and never saved.
         Every other argument is [`~transformers.Trainer`]'s.
     """
 
@@ -92,21 +121,25 @@ class DistillationTrainer(Trainer):
         if model is not None and teacher_model is not None:
             check_label_spaces(model, teacher_model)
         if teacher_model is not None:
-            teacher_model.eval().requires_grad_(False)
+            teacher_model = freeze_teacher(teacher_model)
         self.teacher_model = teacher_model
         self._teacher_prepared = False
+        self.layer_map: dict[int, int] = {}
+        self._value_relation_heads = None
         if model is not None:
-            # Checked and cached before Trainer.__init__, which creates output_dir: bad input writes nothing.
-            train_dataset = self._with_teacher_logits(train_dataset, "train", args, model.config, processing_class)
+            # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
+            # nothing.
+            if args.uses_alignment:
+                model = self._setup_alignment(model, args)
+            student_config = model.config
+            train_dataset = self._with_teacher_logits(train_dataset, "train", args, student_config, processing_class)
             if isinstance(eval_dataset, dict):
                 eval_dataset = {
-                    name: self._with_teacher_logits(
-                        dataset, f"eval '{name}'", args, model.config, processing_class
-                    )
+                    name: self._with_teacher_logits(dataset, f"eval '{name}'", args, student_config, processing_class)
                     for name, dataset in eval_dataset.items()
                 }
             else:
-                eval_dataset = self._with_teacher_logits(eval_dataset, "eval", args, model.config, processing_class)
+                eval_dataset = self._with_teacher_logits(eval_dataset, "eval", args, student_config, processing_class)
 
         super().__init__(
             model=model,
@@ -119,6 +152,10 @@ class DistillationTrainer(Trainer):
         )
         # The student's forward ignores num_items_in_batch; skipping it avoids a per-step gather.
         self.model_accepts_loss_kwargs = False
+        if isinstance(self.model, DistillWrapper) and args.label_names is None:
+            # Trainer read the label names off the wrapper's class, which declares none.
+            student_class = _base_model(self.model.student).__class__
+            self.label_names = find_labels(student_class)
         num_labels = self._student_config.num_labels
         self.distillation_loss = args.distillation_loss
         if self.distillation_loss == "auto":
@@ -127,8 +164,64 @@ class DistillationTrainer(Trainer):
         self._term_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
 
     @property
+    def student(self) -> nn.Module:
+        """The student being trained, without the projections wrapper (a `PreTrainedModel` or a PEFT model)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.student if isinstance(model, DistillWrapper) else model
+
+    @property
     def _student_config(self):
-        return self.accelerator.unwrap_model(self.model).config
+        return self.student.config
+
+    # ---- set-up ----
+
+    def _setup_alignment(self, student: nn.Module, args: DistillationTrainingArguments) -> nn.Module:
+        """Validate the alignment settings against both models; return the student, wrapped when it needs projections."""
+        if self.teacher_model is None:
+            raise ValueError(
+                "Intermediate-layer losses (hidden/embedding/attention/relation weights > 0) compare the student with "
+                "the teacher's layers, so they need the teacher online: pass teacher_model=... to DistillationTrainer, "
+                "or set those weights to 0 to distil from cached logits only."
+            )
+        student_config, teacher_config = student.config, self.teacher_model.config
+        self.layer_map = resolve_layer_map(
+            args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
+        )
+        logger.info(f"Aligning student layers with teacher layers {self.layer_map} (1-based).")
+        if args.attention_loss_weight > 0 or args.attention_relation_loss_weight > 0:
+            use_eager_attention(_base_model(student), "student")
+            use_eager_attention(self.teacher_model, "teacher")
+        if args.value_relation_loss_weight > 0:
+            heads = args.relation_heads or student_config.num_attention_heads
+            for who, config in (("student", student_config), ("teacher", teacher_config)):
+                if config.hidden_size % heads != 0:
+                    raise ValueError(
+                        f"DistillationTrainingArguments.relation_heads={heads} does not divide the {who}'s width "
+                        f"{config.hidden_size}: set relation_heads to a common divisor of {student_config.hidden_size} "
+                        f"and {teacher_config.hidden_size}."
+                    )
+            self._value_relation_heads = heads
+            # Raises now, not at the first step, when an architecture has no recognisable value projection.
+            value_projections(student, list(self.layer_map), "student")
+            value_projections(self.teacher_model, list(self.layer_map.values()), "teacher")
+
+        projected_layers = []
+        if args.hidden_loss_weight > 0 or args.hidden_cosine_loss_weight > 0:
+            projected_layers += list(self.layer_map)
+        if args.embedding_loss_weight > 0:
+            projected_layers.append(0)
+        if not projected_layers or student_config.hidden_size == teacher_config.hidden_size:
+            return student
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)  # the same projections on every rank and every run
+            projections = HiddenStateProjection(
+                student_config.hidden_size, teacher_config.hidden_size, projected_layers
+            )
+        logger.info(
+            f"Student width {student_config.hidden_size} differs from the teacher's {teacher_config.hidden_size}: "
+            f"training linear projections for hidden states {sorted(set(projected_layers))} with the student."
+        )
+        return DistillWrapper(student, projections)
 
     def _with_teacher_logits(self, dataset, name: str, args: DistillationTrainingArguments, student_config, tokenizer):
         """Check the teacher column of `dataset`, building it from the teacher's cache when it is missing."""
@@ -147,7 +240,7 @@ class DistillationTrainer(Trainer):
                 "teacher_model=... to DistillationTrainer, or add the column with "
                 "hf_distill.cache_teacher_logits(teacher, dataset)."
             )
-        if not args.use_teacher_cache:
+        if not args.use_teacher_cache or args.uses_alignment:  # the teacher runs on every batch anyway
             return dataset
         self.teacher_model.to(args.device)
         return cache_teacher_logits(
@@ -163,27 +256,25 @@ class DistillationTrainer(Trainer):
         )
 
     def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
+        if self._signature_columns is None:
+            # The student's forward decides which columns reach the model, not the projections wrapper's.
+            signature = inspect.signature(_base_model(self.student).forward)
+            self._signature_columns = list(signature.parameters) + list({"label", "label_ids", *self.label_names})
         for column in (self.args.teacher_logits_column, self.args.sample_weight_column):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
     def _prepared_teacher(self) -> nn.Module:
-        """The teacher placed by accelerate on first use, outside the optimizer and never wrapped in DDP."""
+        """The teacher placed by accelerate on first use (lazily, so evaluate() before train() keeps autocast)."""
         if not self._teacher_prepared:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise NotImplementedError(
-                    "Running the teacher online under DeepSpeed or FSDP is not supported yet: cache the teacher's "
-                    "logits (use_teacher_cache=True) or train without DeepSpeed/FSDP."
-                )
-            self.teacher_model = self.accelerator.prepare_model(self.teacher_model, evaluation_mode=True)
-            # prepare_model registers the teacher; evaluation_loop prepares the student only while none is registered.
-            self.accelerator._models.remove(self.teacher_model)
+            self.teacher_model = place_teacher(self.teacher_model, self.accelerator)
             self._teacher_prepared = True
         return self.teacher_model
 
-    def _online_teacher_logits(self, inputs: dict) -> torch.Tensor:
-        """Teacher logits `(batch, num_labels)` from a no-grad forward on the student's inputs."""
+    # ---- the loss ----
+
+    def _online_teacher_outputs(self, inputs: dict, **output_flags):
+        """Teacher outputs from a no-grad forward on the student's inputs (`logits` `(batch, num_labels)`)."""
         if self.teacher_model is None:
             raise ValueError(
                 f"The batch has no '{self.args.teacher_logits_column}' and no teacher_model was given: pass "
@@ -192,38 +283,110 @@ class DistillationTrainer(Trainer):
         teacher = self._prepared_teacher()
         teacher_inputs = {name: inputs[name] for name in MODEL_INPUT_COLUMNS if name in inputs}
         with torch.no_grad():
-            return teacher(**teacher_inputs).logits
+            return teacher(**teacher_inputs, **output_flags)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`alpha * loss_kd + (1 - alpha) * loss_ce` for one micro-batch; each term is recorded for the logs."""
-        teacher_logits = inputs.pop(self.args.teacher_logits_column, None)
-        sample_weight = inputs.pop(self.args.sample_weight_column, None)
+        """The weighted distillation loss of one micro-batch; each term is recorded for the logs."""
+        args = self.args
+        cached_teacher_logits = inputs.pop(args.teacher_logits_column, None)
+        sample_weight = inputs.pop(args.sample_weight_column, None)
         labels = [inputs.pop(name, None) for name in self.label_names]
         labels = labels[0] if len(labels) == 1 else None
-        student_logits = model(**inputs).logits
-        if teacher_logits is None:
-            teacher_logits = self._online_teacher_logits(inputs)
+        mode = "train" if model.training else "eval"
 
-        args = self.args
+        if args.uses_alignment:
+            student_logits, teacher_logits, alignment_terms = self._aligned_forward(model, inputs)
+        else:
+            student_logits = model(**inputs).logits
+            teacher_logits = cached_teacher_logits
+            if teacher_logits is None:
+                teacher_logits = self._online_teacher_outputs(inputs).logits
+            alignment_terms = {}
+
         if self.distillation_loss == "kl":
             loss_kd = kl_divergence_loss(
                 student_logits, teacher_logits, args.temperature, args.student_temperature, sample_weight
             )
         else:
             loss_kd = logit_mse_loss(student_logits, teacher_logits, sample_weight)
-        mode = "train" if model.training else "eval"
         terms = {"loss_kd": loss_kd}
-        loss = args.alpha * loss_kd
+        logits_loss = args.alpha * loss_kd
         if labels is not None:
             loss_ce = label_loss(student_logits, labels, sample_weight)
             terms["loss_ce"] = loss_ce
-            loss = loss + (1.0 - args.alpha) * loss_ce
+            logits_loss = logits_loss + (1.0 - args.alpha) * loss_ce
+        loss = args.logits_loss_weight * logits_loss
+        for name, (weight, value) in alignment_terms.items():
+            terms[name] = value
+            loss = loss + weight * value
+
         for name, value in terms.items():
             self._record_term(mode, name, value.detach(), 1)
         if mode == "eval" and self.distillation_loss == "kl":
             agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
             self._record_term(mode, "teacher_agreement", agreement, student_logits.shape[0])
         return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def _aligned_forward(self, model, inputs: dict):
+        """Run student and teacher with the intermediate outputs the losses need.
+
+        Returns:
+            `(student_logits, teacher_logits, {term name: (weight, loss)})`, each loss averaged over the paired layers.
+        """
+        args = self.args
+        want_hidden = max(args.hidden_loss_weight, args.embedding_loss_weight, args.hidden_cosine_loss_weight) > 0
+        want_attentions = max(args.attention_loss_weight, args.attention_relation_loss_weight) > 0
+        want_values = args.value_relation_loss_weight > 0
+        flags = {"output_hidden_states": want_hidden, "output_attentions": want_attentions}
+        student_layers, teacher_layers = list(self.layer_map), list(self.layer_map.values())
+
+        capture_student = capture_teacher = nullcontext({})
+        if want_values:
+            capture_student = capture_outputs(value_projections(self.student, student_layers, "student"))
+            teacher = self.accelerator.unwrap_model(self._prepared_teacher())
+            capture_teacher = capture_outputs(value_projections(teacher, teacher_layers, "teacher"))
+        with capture_teacher as teacher_values:
+            teacher_outputs = self._online_teacher_outputs(inputs, **flags)
+        with capture_student as student_values:
+            student_outputs = model(**inputs, **flags)
+
+        if want_attentions:
+            for who, outputs, config in (
+                ("student", student_outputs, self._student_config),
+                ("teacher", teacher_outputs, self.accelerator.unwrap_model(self.teacher_model).config),
+            ):
+                if not outputs.attentions or len(outputs.attentions) != config.num_hidden_layers:
+                    raise RuntimeError(
+                        f"The {who} returned {len(outputs.attentions or ())} attention maps for "
+                        f"{config.num_hidden_layers} layers: its attention implementation does not return them. "
+                        "Load it with attn_implementation='eager'."
+                    )
+        mask = inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(inputs["input_ids"].shape, dtype=torch.long, device=student_outputs.logits.device)
+        pairs = list(self.layer_map.items())
+
+        def over_pairs(loss_fn, student_tensors, teacher_tensors, offset=0):
+            losses = [loss_fn(student_tensors[s - offset], teacher_tensors[t - offset], mask) for s, t in pairs]
+            return torch.stack(losses).mean()
+
+        weighted = {
+            "loss_hidden": (args.hidden_loss_weight, lambda: over_pairs(
+                hidden_mse_loss, student_outputs.hidden_states, teacher_outputs.hidden_states)),
+            "loss_embedding": (args.embedding_loss_weight, lambda: hidden_mse_loss(
+                student_outputs.hidden_states[0], teacher_outputs.hidden_states[0], mask)),
+            "loss_hidden_cosine": (args.hidden_cosine_loss_weight, lambda: over_pairs(
+                hidden_cosine_loss, student_outputs.hidden_states, teacher_outputs.hidden_states)),
+            "loss_attention": (args.attention_loss_weight, lambda: over_pairs(
+                attention_mse_loss, student_outputs.attentions, teacher_outputs.attentions, offset=1)),
+            "loss_attention_relation": (args.attention_relation_loss_weight, lambda: over_pairs(
+                attention_relation_loss, student_outputs.attentions, teacher_outputs.attentions, offset=1)),
+            "loss_value_relation": (args.value_relation_loss_weight, lambda: over_pairs(
+                lambda s, t, m: value_relation_loss(s, t, m, self._value_relation_heads),
+                student_values, teacher_values)),
+        }
+        terms = {name: (weight, compute()) for name, (weight, compute) in weighted.items() if weight > 0}
+        return student_outputs.logits, teacher_outputs.logits, terms
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluate through `compute_loss`, so `eval_loss` is the distillation loss with or without labels."""
@@ -247,6 +410,8 @@ class DistillationTrainer(Trainer):
         if prediction_loss_only:
             return loss, None, None
         return loss, outputs["logits"].detach(), labels
+
+    # ---- logging ----
 
     def _record_term(self, mode: str, name: str, value_sum: torch.Tensor, count: int) -> None:
         self._term_sums[mode][name] = self._term_sums[mode][name] + value_sum
@@ -279,3 +444,62 @@ class DistillationTrainer(Trainer):
         for name, value in self._pop_term_averages("eval").items():
             output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
+
+    # ---- saving: the student alone is exported; checkpoints add the projections ----
+
+    @contextmanager
+    def _model_swapped(self, module: nn.Module):
+        """Let a Trainer method see `module` as `self.model` (the student inside the wrapper)."""
+        model = self.model
+        self.model = module
+        try:
+            yield
+        finally:
+            self.model = model
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        wrapper = self.accelerator.unwrap_model(self.model)
+        if not isinstance(wrapper, DistillWrapper):
+            return super()._save(output_dir, state_dict)
+        if state_dict is not None:
+            state_dict = {
+                name.removeprefix("student."): value for name, value in state_dict.items()
+                if name.startswith("student.")
+            }
+        with self._model_swapped(wrapper.student):
+            super()._save(output_dir, state_dict)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        wrapper = self.accelerator.unwrap_model(self.model)
+        if isinstance(wrapper, DistillWrapper) and self.args.should_save:
+            checkpoint_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            state = {name: value.detach().contiguous() for name, value in wrapper.projections.state_dict().items()}
+            save_file(state, os.path.join(checkpoint_dir, PROJECTIONS_FILE))
+
+    def _load_projections(self, checkpoint_dir: str, wrapper: DistillWrapper) -> None:
+        path = os.path.join(checkpoint_dir, PROJECTIONS_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a DistillationTrainer "
+                "with the same width projections, so resuming would restart them from scratch. Resume from a "
+                "checkpoint of this run, or start a new run."
+            )
+        wrapper.projections.load_state_dict(load_file(path, device=str(next(wrapper.parameters()).device)))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        wrapper = model if model is not None else self.model
+        if not isinstance(wrapper, DistillWrapper):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        super()._load_from_checkpoint(resume_from_checkpoint, wrapper.student)
+        self._load_projections(resume_from_checkpoint, wrapper)
+
+    def _load_best_model(self) -> None:
+        wrapper = self.model
+        if not isinstance(wrapper, DistillWrapper):
+            return super()._load_best_model()
+        with self._model_swapped(wrapper.student):
+            super()._load_best_model()
+        self._load_projections(self.state.best_model_checkpoint, wrapper)

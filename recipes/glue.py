@@ -261,14 +261,14 @@ def main(argv=None):
     trainer.train()
     if recipe_args.student_finetune_epochs > 0:  # Stage 4: labels only, from the distilled weights.
         Trainer(
-            model=trainer.model,
+            model=trainer.student,
             args=dataclasses.replace(student_args, num_train_epochs=recipe_args.student_finetune_epochs),
             train_dataset=tokenized["labelled"],
             processing_class=tokenizer,
             data_collator=collator,
         ).train()
     trainer.save_model(student_dir)
-    student = trainer.model
+    student = trainer.student
 
     rows_models = [("teacher", teacher, teacher_dir), ("student", student, student_dir)]
     if recipe_args.baseline:

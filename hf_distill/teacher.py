@@ -1,0 +1,106 @@
+"""Getting a frozen teacher ready: PEFT adapters merged, attention implementation, placement by accelerate.
+
+The teacher is never a submodule of the student: it is not in the optimizer, not wrapped in DDP, and never saved.
+"""
+
+import copy
+
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def freeze_teacher(teacher: nn.Module) -> nn.Module:
+    """The teacher in eval mode without gradients; a PEFT model (base + adapter) is merged into a plain model first.
+
+    A merged teacher goes through DeepSpeed, FSDP and `prepare_model` like any model, and runs as fast as the base.
+    """
+    if hasattr(teacher, "merge_and_unload") and hasattr(teacher, "peft_config"):
+        logger.info("The teacher is a PEFT model: merging its adapter into the base weights.")
+        teacher = teacher.merge_and_unload()
+    return teacher.eval().requires_grad_(False)
+
+
+def use_eager_attention(model: nn.Module, who: str) -> None:
+    """Switch `model` to eager attention, the only implementation that returns attention probabilities.
+
+    SDPA and flash attention silently return no attention maps in transformers 5.
+    """
+    config = model.config
+    if getattr(config, "_attn_implementation", None) == "eager":
+        return
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(
+            f"An attention loss needs the {who}'s attention probabilities, but {type(model).__name__} cannot switch to "
+            "eager attention: load it with attn_implementation='eager', or set the attention loss weights to 0."
+        )
+    logger.info(f"Attention losses are on: switching the {who} from {config._attn_implementation} to eager attention.")
+    model.set_attn_implementation("eager")
+
+
+def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """Place the frozen teacher for inference under the accelerator's distributed setting.
+
+    - DeepSpeed: its own engine, ZeRO stage 0 (replicated) unless the run uses ZeRO-3 (then sharded, so every rank
+      must run the teacher on every step), without optimizer or scheduler sections.
+    - FSDP: wrapped with the run's FSDP plugin settings, then eval mode.
+    - otherwise (single process, DDP, mixed precision): `accelerator.prepare_model(evaluation_mode=True)`, which
+      moves it to the device and adds autocast but never wraps it in DDP.
+    The DeepSpeed and FSDP branches follow TRL's `prepare_deepspeed` / `prepare_fsdp` and are untested on GPUs here.
+    """
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return _place_with_deepspeed(teacher, accelerator.state.deepspeed_plugin)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return _place_with_fsdp(teacher, accelerator.state.fsdp_plugin, accelerator)
+    teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+    # prepare_model registers the teacher; Trainer.evaluation_loop prepares the student (autocast included) only
+    # while no model is registered, so an evaluate() before train() would otherwise skip mixed precision.
+    accelerator._models.remove(teacher)
+    return teacher
+
+
+def _place_with_deepspeed(teacher: nn.Module, deepspeed_plugin) -> nn.Module:
+    import deepspeed
+
+    config = copy.deepcopy(deepspeed_plugin.deepspeed_config)
+    for section in ("optimizer", "scheduler"):
+        config.pop(section, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if zero.get("stage") == 3:
+        hidden_size = getattr(teacher.config, "hidden_size", None)
+        if hidden_size:
+            zero.update(
+                reduce_bucket_size=hidden_size * hidden_size,
+                stage3_param_persistence_threshold=10 * hidden_size,
+                stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size),
+            )
+    else:
+        zero["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    return engine.eval()
+
+
+def _place_with_fsdp(teacher: nn.Module, fsdp_plugin, accelerator: Accelerator) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(teacher, FullyShardedDataParallel):
+        return teacher.eval()
+    fsdp_plugin.set_auto_wrap_policy(teacher)
+    wrapped = FullyShardedDataParallel(
+        teacher,
+        sharding_strategy=fsdp_plugin.sharding_strategy,
+        cpu_offload=fsdp_plugin.cpu_offload,
+        auto_wrap_policy=fsdp_plugin.auto_wrap_policy,
+        mixed_precision=fsdp_plugin.mixed_precision_policy,
+        sync_module_states=fsdp_plugin.sync_module_states,
+        backward_prefetch=fsdp_plugin.backward_prefetch,
+        forward_prefetch=fsdp_plugin.forward_prefetch,
+        use_orig_params=fsdp_plugin.use_orig_params,
+        limit_all_gathers=fsdp_plugin.limit_all_gathers,
+        device_id=accelerator.device,
+    )
+    return wrapped.eval()
