@@ -1,5 +1,6 @@
 """`DistillationTrainingArguments`: `TrainingArguments` plus the knobs of knowledge distillation."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -178,6 +179,23 @@ class DistillationTrainingArguments(TrainingArguments):
         _check(self.layer_map is not None, "layer_map", self.layer_map, "'uniform', 'last' or a dict")
         _check(self.teacher_cache_batch_size >= 1, "teacher_cache_batch_size", self.teacher_cache_batch_size, ">= 1")
 
+
+    def intermediate_stage(self, num_train_epochs: float) -> "DistillationTrainingArguments":
+        """TinyBERT's first stage: these arguments on the alignment losses only, for `num_train_epochs`.
+
+        Uses this run's alignment weights, or `hidden_loss_weight=1, attention_loss_weight=1` (TinyBERT's
+        transformer-layer distillation) when none is set.
+        """
+        weights = {name: getattr(self, name) for name in ALIGNMENT_WEIGHTS}
+        if not any(weights.values()):
+            weights.update(hidden_loss_weight=1.0, attention_loss_weight=1.0)
+        return dataclasses.replace(self, logits_loss_weight=0.0, num_train_epochs=num_train_epochs, **weights)
+
+    def prediction_stage(self) -> "DistillationTrainingArguments":
+        """TinyBERT's second stage: these arguments on the logit losses only (the teacher's cache can serve)."""
+        return dataclasses.replace(
+            self, logits_loss_weight=1.0, **{name: 0.0 for name in ALIGNMENT_WEIGHTS}
+        )
 
     @property
     def uses_alignment(self) -> bool:

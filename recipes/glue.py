@@ -23,6 +23,7 @@ from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, set
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.arguments import ALIGNMENT_WEIGHTS
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
 from hf_distill.metrics import make_compute_metrics
 from hf_distill.model_card import build_model_card
@@ -88,6 +89,13 @@ class DataArguments:
 @dataclass
 class RecipeArguments:
     baseline: bool = field(default=True, metadata={"help": "Also train the student init on labels only."})
+    intermediate_epochs: float = field(
+        default=0.0,
+        metadata={
+            "help": "TinyBERT two-stage mode: first distil the intermediate layers alone for these epochs (the "
+            "alignment weights given, or hidden + attention MSE), then the logits for num_train_epochs."
+        },
+    )
     student_finetune_epochs: float = field(
         default=0.0, metadata={"help": "Stage 4: epochs of label-only fine-tuning after distillation."}
     )
@@ -145,6 +153,13 @@ def with_transfer_data(raw, data_args, task):
         parts.append(transfer)
     columns = [*task.text_columns, "label"]
     return labelled, concatenate_datasets([part.select_columns(columns) for part in parts])
+
+
+def alignment_settings(trainer: DistillationTrainer) -> dict:
+    """The loss weights in use and the layer map, for the model card."""
+    args = trainer.args
+    weights = {name: getattr(args, name) for name in ("logits_loss_weight", *ALIGNMENT_WEIGHTS) if getattr(args, name)}
+    return {"loss_weights": weights, "layer_map": trainer.layer_map} if trainer.layer_map else {"loss_weights": weights}
 
 
 def evaluate_row(name, model, model_path, eval_dataset, collator, task, training_args, latency_batch_size):
@@ -247,9 +262,19 @@ def main(argv=None):
 
     student_dir = os.path.join(output_dir, "student")
     student_args = dataclasses.replace(training_args, output_dir=student_dir)
+    student, alignment = new_student(), None
+    if recipe_args.intermediate_epochs > 0:  # TinyBERT stage 1: intermediate layers only, teacher online.
+        stage_args = student_args.intermediate_stage(recipe_args.intermediate_epochs)
+        intermediate = DistillationTrainer(
+            model=student, teacher_model=teacher, args=stage_args, train_dataset=tokenized["distill"],
+            processing_class=tokenizer, data_collator=collator,
+        )
+        intermediate.train()
+        alignment = {"epochs": recipe_args.intermediate_epochs, **alignment_settings(intermediate)}
+        student, student_args = intermediate.student, student_args.prediction_stage()
     # Stage 2 happens here: DistillationTrainer caches the teacher's logits with the data on first use.
     trainer = DistillationTrainer(
-        model=new_student(),
+        model=student,
         teacher_model=teacher,
         args=student_args,
         train_dataset=tokenized["distill"],
@@ -313,7 +338,10 @@ def main(argv=None):
         "labelled_examples": len(labelled),
         "num_train_epochs": training_args.num_train_epochs,
         "learning_rate": training_args.learning_rate,
+        **alignment_settings(trainer),
     }
+    if alignment:
+        settings["intermediate_stage"] = alignment
     card = build_model_card(
         student_id_or_path_base=model_args.student_model_name_or_path or model_args.teacher_model_name_or_path,
         teacher_model_id=model_args.teacher_model_name_or_path,

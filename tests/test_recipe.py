@@ -186,3 +186,18 @@ def test_push_failure_keeps_the_local_output_and_hides_the_token(tmp_path, monke
     student_dir = os.path.join(output_dir, "student")
     assert "hf_SECRET" not in open(os.path.join(student_dir, "README.md")).read()
     AutoModelForSequenceClassification.from_pretrained(student_dir)
+
+
+def test_two_stage_tinybert_distillation(tmp_path):
+    teacher = save_teacher(str(tmp_path / "teacher"), 2)
+    output_dir = str(tmp_path / "run")
+    recipe.main(recipe_args(
+        "sst2", teacher, output_dir, "--baseline", "false", "--max_train_samples", "48", "--intermediate_epochs", "1",
+        "--attention_relation_loss_weight", "2",
+    ))
+    card = ModelCard.load(os.path.join(output_dir, "student", "README.md"))
+    stage = card.data.distillation["intermediate_stage"]
+    assert stage["loss_weights"] == {"attention_relation_loss_weight": 2.0}  # logits_loss_weight is 0 in stage 1
+    assert {int(k): v for k, v in stage["layer_map"].items()} == {1: 2, 2: 4}
+    assert card.data.distillation["loss_weights"] == {"logits_loss_weight": 1.0}
+    AutoModelForSequenceClassification.from_pretrained(os.path.join(output_dir, "student"))
