@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 METADATA_FILE = "hf_distill_cache.json"
-CACHE_FORMAT_VERSION = 1
+# Part of every cache's path: a new format (or digest definition) never reads, nor refuses, an older cache.
+CACHE_FORMAT_VERSION = 2
 MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 _TORCH_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -53,7 +54,14 @@ def tokenizer_digest(tokenizer) -> str | None:
     if tokenizer is None:
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Each call sets these (tokenizer(..., truncation=True)): they are not part of what the tokenizer is.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        text = json.dumps(state, sort_keys=True)
+    else:
+        text = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return _sha256([type(tokenizer).__name__.encode(), text.encode()])
 
 
@@ -87,7 +95,7 @@ def default_cache_path(dataset: Dataset, column: str, cache_dir: str | None = No
             cache_dir = os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), "hf_distill")
         else:
             cache_dir = os.path.join(HF_DATASETS_CACHE, "hf_distill")
-    return os.path.join(cache_dir, f"{column}-{dataset._fingerprint}")
+    return os.path.join(cache_dir, f"{column}-{dataset._fingerprint}-v{CACHE_FORMAT_VERSION}")
 
 
 def check_teacher_logits(logits_dataset: Dataset, column: str, num_labels: int) -> None:

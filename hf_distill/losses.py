@@ -102,13 +102,20 @@ def label_loss(
         A float32 scalar; 0 when no example in the batch is labelled.
     """
     logits = student_logits.float()
+    labelled = labelled_mask(labels, logits.shape[-1], ignore_index)
     if logits.shape[-1] == 1 and labels.is_floating_point():
-        labelled = ~torch.isnan(labels)
         targets = torch.where(labelled, labels, torch.zeros_like(labels)).float()
         per_example = (logits.squeeze(-1) - targets).pow(2)
     else:
-        labelled = (labels != ignore_index) & (labels >= 0)
         targets = torch.where(labelled, labels, torch.zeros_like(labels)).long()
         per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
         per_example = per_example.reshape(targets.shape)
     return _weighted_mean(per_example, sample_weight, labelled)
+
+
+def labelled_mask(labels: torch.Tensor, num_labels: int, ignore_index: int = -100) -> torch.Tensor:
+    """`True` where an example has a gold label: not NaN for regression (`num_labels == 1`, float labels), else
+    neither `ignore_index` nor negative (the GLUE recipe marks transfer examples with -1)."""
+    if num_labels == 1 and labels.is_floating_point():
+        return ~torch.isnan(labels)
+    return (labels != ignore_index) & (labels >= 0)

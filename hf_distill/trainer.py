@@ -25,7 +25,7 @@ from .alignment import (
 from .arguments import DistillationTrainingArguments
 from .cache import MODEL_INPUT_COLUMNS, cache_teacher_logits, check_teacher_logits
 from .hooks import capture_outputs, value_projections
-from .losses import kl_divergence_loss, label_loss, logit_mse_loss
+from .losses import kl_divergence_loss, label_loss, labelled_mask, logit_mse_loss
 from .teacher import freeze_teacher, place_teacher, use_eager_attention
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
@@ -161,7 +161,8 @@ class DistillationTrainer(Trainer):
         if self.distillation_loss == "auto":
             self.distillation_loss = "mse" if num_labels == 1 else "kl"
         self._term_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._term_counts = {"train": defaultdict(int), "eval": defaultdict(int)}
+        self._term_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._step_loss_weights = None
 
     @property
     def student(self) -> nn.Module:
@@ -309,23 +310,65 @@ class DistillationTrainer(Trainer):
             )
         else:
             loss_kd = logit_mse_loss(student_logits, teacher_logits, sample_weight)
-        terms = {"loss_kd": loss_kd}
-        logits_loss = args.alpha * loss_kd
+        kd_weight, ce_weight = self._micro_batch_loss_weights(sample_weight, labels, student_logits)
+        kd_share, ce_share = self._shares_of_the_step(mode, kd_weight, ce_weight)
+        self._record_term(mode, "loss_kd", loss_kd.detach() * kd_weight, kd_weight)
+        logits_loss = args.alpha * loss_kd * kd_share
         if labels is not None:
             loss_ce = label_loss(student_logits, labels, sample_weight)
-            terms["loss_ce"] = loss_ce
-            logits_loss = logits_loss + (1.0 - args.alpha) * loss_ce
+            self._record_term(mode, "loss_ce", loss_ce.detach() * ce_weight, ce_weight)
+            logits_loss = logits_loss + (1.0 - args.alpha) * loss_ce * ce_share
         loss = args.logits_loss_weight * logits_loss
         for name, (weight, value) in alignment_terms.items():
-            terms[name] = value
-            loss = loss + weight * value
-
-        for name, value in terms.items():
             self._record_term(mode, name, value.detach(), 1)
+            loss = loss + weight * value
         if mode == "eval" and self.distillation_loss == "kl":
             agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
             self._record_term(mode, "teacher_agreement", agreement, student_logits.shape[0])
         return (loss, {"logits": student_logits}) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # The loss weights of the whole optimizer step (all its micro-batches, all processes): see _shares_of_the_step.
+        self._step_loss_weights = None
+        if batch_samples:
+            weights = [
+                torch.stack(self._micro_batch_loss_weights(
+                    batch.get(self.args.sample_weight_column),
+                    batch.get(self.label_names[0]) if len(self.label_names) == 1 else None,
+                    batch[self.args.teacher_logits_column] if self.args.teacher_logits_column in batch
+                    else next(iter(batch.values())),
+                ))
+                for batch in batch_samples
+            ]
+            self._step_loss_weights = self.accelerator.reduce(torch.stack(weights).sum(0).to(device), reduction="sum")
+        return batch_samples, num_items_in_batch
+
+    def _micro_batch_loss_weights(self, sample_weight, labels, reference: torch.Tensor):
+        """Total weight of the distillation term and of the label term in one micro-batch of `len(reference)`."""
+        weight = torch.ones(reference.shape[0], device=reference.device)
+        if sample_weight is not None:
+            weight = sample_weight.float()
+        if labels is None:
+            return weight.sum(), torch.zeros((), device=weight.device)
+        labelled = labelled_mask(labels, self._student_config.num_labels).to(weight.dtype)
+        return weight.sum(), (weight * labelled).sum()
+
+    def _shares_of_the_step(self, mode: str, kd_weight, ce_weight):
+        """Factors turning this micro-batch's weighted means into its shares of the optimizer step's weighted means.
+
+        The step's loss is `sum(w * loss) / sum(w)` over every example of every micro-batch and process. Trainer
+        divides each micro-batch loss by the accumulation steps and DDP averages gradients over processes, so a
+        micro-batch of weight `w_m` must contribute `mean_m * w_m / W * steps * processes`. Without this, a
+        micro-batch with fewer labelled examples (transfer data, label -1) or lighter sample weights would count as
+        much as any other, and 2 processes x 4 would not train like 1 process x 8.
+        """
+        if mode != "train" or self._step_loss_weights is None:
+            return 1.0, 1.0
+        tiny = torch.finfo(torch.float32).tiny
+        scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
+        kd_total, ce_total = self._step_loss_weights
+        return kd_weight / kd_total.clamp_min(tiny) * scale, ce_weight / ce_total.clamp_min(tiny) * scale
 
     def _aligned_forward(self, model, inputs: dict):
         """Run student and teacher with the intermediate outputs the losses need.
@@ -424,12 +467,17 @@ class DistillationTrainer(Trainer):
             return {}
         device = self.args.device
         sums = torch.stack([torch.as_tensor(self._term_sums[mode][name], device=device).float() for name in names])
-        counts = torch.tensor([self._term_counts[mode][name] for name in names], device=device, dtype=torch.float)
+        counts = torch.stack([torch.as_tensor(self._term_counts[mode][name], device=device).float() for name in names])
         sums = self.accelerator.reduce(sums, reduction="sum")
         counts = self.accelerator.reduce(counts, reduction="sum")
         self._term_sums[mode].clear()
         self._term_counts[mode].clear()
-        return {name: round(value, 6) for name, value in zip(names, (sums / counts).tolist())}
+        # A term of weight 0 (no labelled example since the last log) has no average.
+        return {
+            name: round(total / count, 6)
+            for name, total, count in zip(names, sums.tolist(), counts.tolist())
+            if count > 0
+        }
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:

@@ -162,8 +162,8 @@ def alignment_settings(trainer: DistillationTrainer) -> dict:
     return {"loss_weights": weights, "layer_map": trainer.layer_map} if trainer.layer_map else {"loss_weights": weights}
 
 
-def evaluate_row(name, model, model_path, eval_dataset, collator, task, training_args, latency_batch_size):
-    """Task metrics and CPU throughput of one model, as a report row."""
+def evaluate_metrics(model, eval_dataset, collator, task, training_args) -> dict:
+    """Task metrics of one model. Every process must call it: Trainer.evaluate shards the data and gathers."""
     trainer = Trainer(
         model=model,
         args=dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, "_eval")),
@@ -171,7 +171,11 @@ def evaluate_row(name, model, model_path, eval_dataset, collator, task, training
         compute_metrics=make_compute_metrics(task),
     )
     metrics = trainer.evaluate(eval_dataset)
-    metrics = {key.removeprefix("eval_"): value for key, value in metrics.items()}
+    return {key.removeprefix("eval_"): value for key, value in metrics.items()}
+
+
+def report_row(name, model, model_path, metrics, eval_dataset, collator, task, latency_batch_size):
+    """One model's metrics, size and CPU throughput, as a report row."""
     model_cpu = model.to("cpu")
     latency = measure_latency(model_cpu, eval_dataset, collator, batch_size=latency_batch_size)
     return ReportRow(
@@ -309,16 +313,20 @@ def main(argv=None):
         baseline_trainer.save_model(baseline_dir)
         rows_models.insert(1, ("baseline", baseline_trainer.model, baseline_dir))
 
+    # Evaluation is collective (sharded data, gathered predictions): every process runs it.
+    metrics = [evaluate_metrics(model, eval_dataset, collator, task, training_args) for _, model, _ in rows_models]
+    extra_splits = {
+        f"student_{split}": trainer.evaluate(tokenized[split], metric_key_prefix=split)
+        for split in task.eval_splits[1:]
+        if split in tokenized
+    }
     if not training_args.should_save:  # Only the main process reports, writes the card and pushes.
         return
     rows = [
-        evaluate_row(name, model, path, eval_dataset, collator, task, training_args, recipe_args.latency_batch_size)
-        for name, model, path in rows_models
+        report_row(name, model, path, model_metrics, eval_dataset, collator, task, recipe_args.latency_batch_size)
+        for (name, model, path), model_metrics in zip(rows_models, metrics)
     ]
-    report = build_report(rows, task.main_metric)
-    for split in task.eval_splits[1:]:
-        if split in tokenized:
-            report[f"student_{split}"] = trainer.evaluate(tokenized[split], metric_key_prefix=split)
+    report = {**build_report(rows, task.main_metric), **extra_splits}
     paths = write_report(report, output_dir)
     for path in filter(None, paths.values()):
         shutil.copy(path, student_dir)

@@ -143,3 +143,16 @@ def test_overflowing_logits_are_refused(teacher, cache_dir):
     assert not os.path.exists(default_cache_path(dataset, "teacher_logits", cache_dir))
     cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
     assert np.isfinite(np.array(cached["teacher_logits"])).all()
+
+
+def test_cache_key_ignores_the_tokenizers_call_state(tmp_path, tokenizer):
+    """Tokenizing a dataset leaves truncation settings in the tokenizer; a process that loaded the tokenized data
+    from the datasets cache never has them, and must still accept the cache."""
+    teacher, dataset = tiny_bert(hidden_size=48, num_layers=4, seed=1), toy_dataset(8)
+    cache_dir = str(tmp_path / "cache")
+    first = cache_teacher_logits(teacher, dataset, tokenizer=tokenizer, cache_dir=cache_dir)
+    tokenizer(["w5 w6 w7"], truncation=True, max_length=32)
+    counting = CountingForward(teacher)
+    again = cache_teacher_logits(teacher, dataset, tokenizer=tokenizer, cache_dir=cache_dir)
+    assert counting.calls == 0
+    assert again["teacher_logits"] == first["teacher_logits"]
