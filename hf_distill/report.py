@@ -107,6 +107,25 @@ def measure_latency(
     }
 
 
+def compare_throughput(
+    models: dict[str, torch.nn.Module], dataset, data_collator, batch_size: int = 32, rounds: int = 3
+) -> dict[str, float]:
+    """Examples per second of each model over `dataset`, measured in interleaved rounds; the best round counts.
+
+    Every round times one full pass of each model in turn, so load from other processes hits all models alike;
+    the fastest pass of each model is the least disturbed one.
+
+    Returns:
+        `{name: examples_per_second}`.
+    """
+    best = dict.fromkeys(models, 0.0)
+    for _ in range(rounds):
+        for name, model in models.items():
+            result = measure_latency(model, dataset, data_collator, batch_size=batch_size)
+            best[name] = max(best[name], result["examples_per_second"])
+    return best
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -31,8 +31,8 @@ from hf_distill.models import check_same_tokenizer, load_classifier, load_tokeni
 from hf_distill.report import (
     ReportRow,
     build_report,
+    compare_throughput,
     count_parameters,
-    measure_latency,
     size_on_disk,
     write_report,
 )
@@ -99,7 +99,10 @@ class RecipeArguments:
     student_finetune_epochs: float = field(
         default=0.0, metadata={"help": "Stage 4: epochs of label-only fine-tuning after distillation."}
     )
-    latency_batch_size: int = field(default=32, metadata={"help": "Batch size of the CPU latency measurement."})
+    latency_batch_size: int = field(default=32, metadata={"help": "Batch size of the CPU throughput measurement."})
+    latency_rounds: int = field(
+        default=3, metadata={"help": "Interleaved passes over the validation set per model; the fastest counts."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
@@ -174,10 +177,8 @@ def evaluate_metrics(model, eval_dataset, collator, task, training_args) -> dict
     return {key.removeprefix("eval_"): value for key, value in metrics.items()}
 
 
-def report_row(name, model, model_path, metrics, eval_dataset, collator, task, latency_batch_size):
+def report_row(name, model, model_path, metrics, task, examples_per_second):
     """One model's metrics, size and CPU throughput, as a report row."""
-    model_cpu = model.to("cpu")
-    latency = measure_latency(model_cpu, eval_dataset, collator, batch_size=latency_batch_size)
     return ReportRow(
         name=name,
         model_path=model_path,
@@ -185,7 +186,7 @@ def report_row(name, model, model_path, metrics, eval_dataset, collator, task, l
         metric_value=metrics[task.main_metric],
         num_parameters=count_parameters(model),
         size_bytes=size_on_disk(model_path),
-        examples_per_second=latency["examples_per_second"],
+        examples_per_second=examples_per_second,
         all_metrics={metric: metrics[metric] for metric in task.metric_names},
     )
 
@@ -322,8 +323,12 @@ def main(argv=None):
     }
     if not training_args.should_save:  # Only the main process reports, writes the card and pushes.
         return
+    throughput = compare_throughput(
+        {name: model.to("cpu") for name, model, _ in rows_models}, eval_dataset, collator,
+        batch_size=recipe_args.latency_batch_size, rounds=recipe_args.latency_rounds,
+    )
     rows = [
-        report_row(name, model, path, model_metrics, eval_dataset, collator, task, recipe_args.latency_batch_size)
+        report_row(name, model, path, model_metrics, task, throughput[name])
         for (name, model, path), model_metrics in zip(rows_models, metrics)
     ]
     report = {**build_report(rows, task.main_metric), **extra_splits}

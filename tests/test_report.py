@@ -10,6 +10,7 @@ from hf_distill.report import (
     ReportRow,
     build_report,
     count_parameters,
+    compare_throughput,
     measure_latency,
     report_to_markdown,
     size_on_disk,
@@ -89,3 +90,21 @@ def test_measure_latency(student, tokenizer):
     assert result["examples_per_second"] > 0 and result["ms_per_batch"] > 0
     limited = measure_latency(student, dataset, collator, batch_size=2, max_batches=2)
     assert (limited["num_examples"], limited["num_batches"]) == (4, 2)
+
+
+def test_compare_throughput_keeps_each_models_fastest_round(student, teacher, tokenizer, monkeypatch):
+    import hf_distill.report as report
+
+    collator = DataCollatorWithPadding(tokenizer)
+    dataset = toy_dataset(6)
+    calls = []
+    speeds = iter([10.0, 50.0, 30.0, 20.0, 20.0, 40.0])  # round-robin: student, teacher, student, teacher, ...
+
+    def fake_latency(model, dataset, data_collator, batch_size):
+        calls.append(model)
+        return {"examples_per_second": next(speeds)}
+
+    monkeypatch.setattr(report, "measure_latency", fake_latency)
+    result = compare_throughput({"student": student, "teacher": teacher}, dataset, collator, batch_size=3, rounds=3)
+    assert calls == [student, teacher] * 3
+    assert result == {"student": 30.0, "teacher": 50.0}
