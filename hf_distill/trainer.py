@@ -125,7 +125,7 @@ class DistillationTrainer(Trainer):
         self.teacher_model = teacher_model
         self._teacher_prepared = False
         self.layer_map: dict[int, int] = {}
-        self._value_relation_heads = None
+        self._value_relation_heads = self._value_modules = None
         if model is not None:
             # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
             # nothing.
@@ -156,7 +156,9 @@ class DistillationTrainer(Trainer):
             # Trainer read the label names off the wrapper's class, which declares none.
             student_class = _base_model(self.model.student).__class__
             self.label_names = find_labels(student_class)
-        num_labels = self._student_config.num_labels
+        # Read once: unwrap_model walks every module, which costs ~1% of a step if done per batch.
+        self._num_labels = num_labels = self._student_config.num_labels
+        self._num_student_layers = self._student_config.num_hidden_layers
         self.distillation_loss = args.distillation_loss
         if self.distillation_loss == "auto":
             self.distillation_loss = "mse" if num_labels == 1 else "kl"
@@ -202,9 +204,13 @@ class DistillationTrainer(Trainer):
                         f"and {teacher_config.hidden_size}."
                     )
             self._value_relation_heads = heads
-            # Raises now, not at the first step, when an architecture has no recognisable value projection.
-            value_projections(student, list(self.layer_map), "student")
-            value_projections(self.teacher_model, list(self.layer_map.values()), "teacher")
+            # Found once (and now, not at the first step, an architecture without one is refused); wrapping by
+            # accelerate keeps these module objects.
+            self._value_modules = (
+                value_projections(student, list(self.layer_map), "student"),
+                value_projections(self.teacher_model, list(self.layer_map.values()), "teacher"),
+            )
+        self._num_teacher_layers = teacher_config.num_hidden_layers
 
         projected_layers = []
         if args.hidden_loss_weight > 0 or args.hidden_cosine_loss_weight > 0:
@@ -351,7 +357,7 @@ class DistillationTrainer(Trainer):
             weight = sample_weight.float()
         if labels is None:
             return weight.sum(), torch.zeros((), device=weight.device)
-        labelled = labelled_mask(labels, self._student_config.num_labels).to(weight.dtype)
+        labelled = labelled_mask(labels, self._num_labels).to(weight.dtype)
         return weight.sum(), (weight * labelled).sum()
 
     def _shares_of_the_step(self, mode: str, kd_weight, ce_weight):
@@ -381,28 +387,23 @@ class DistillationTrainer(Trainer):
         want_attentions = max(args.attention_loss_weight, args.attention_relation_loss_weight) > 0
         want_values = args.value_relation_loss_weight > 0
         flags = {"output_hidden_states": want_hidden, "output_attentions": want_attentions}
-        student_layers, teacher_layers = list(self.layer_map), list(self.layer_map.values())
-
         capture_student = capture_teacher = nullcontext({})
         if want_values:
-            capture_student = capture_outputs(value_projections(self.student, student_layers, "student"))
-            teacher = self.accelerator.unwrap_model(self._prepared_teacher())
-            capture_teacher = capture_outputs(value_projections(teacher, teacher_layers, "teacher"))
+            capture_student, capture_teacher = (capture_outputs(modules) for modules in self._value_modules)
         with capture_teacher as teacher_values:
             teacher_outputs = self._online_teacher_outputs(inputs, **flags)
         with capture_student as student_values:
             student_outputs = model(**inputs, **flags)
 
         if want_attentions:
-            for who, outputs, config in (
-                ("student", student_outputs, self._student_config),
-                ("teacher", teacher_outputs, self.accelerator.unwrap_model(self.teacher_model).config),
+            for who, outputs, num_layers in (
+                ("student", student_outputs, self._num_student_layers),
+                ("teacher", teacher_outputs, self._num_teacher_layers),
             ):
-                if not outputs.attentions or len(outputs.attentions) != config.num_hidden_layers:
+                if not outputs.attentions or len(outputs.attentions) != num_layers:
                     raise RuntimeError(
-                        f"The {who} returned {len(outputs.attentions or ())} attention maps for "
-                        f"{config.num_hidden_layers} layers: its attention implementation does not return them. "
-                        "Load it with attn_implementation='eager'."
+                        f"The {who} returned {len(outputs.attentions or ())} attention maps for {num_layers} layers: "
+                        "its attention implementation does not return them. Load it with attn_implementation='eager'."
                     )
         mask = inputs.get("attention_mask")
         if mask is None:
