@@ -24,6 +24,7 @@ from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
+from hf_distill.augment import augment_dataset
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
 from hf_distill.metrics import make_compute_metrics
 from hf_distill.model_card import build_model_card
@@ -82,8 +83,27 @@ class DataArguments:
         default=0,
         metadata={"help": "Further train examples used without their labels, as transfer data for the student."},
     )
+    augment_copies: int = field(
+        default=0,
+        metadata={
+            "help": "Transfer data made from the labelled examples: this many perturbed copies of each (words "
+            "replaced, deleted or swapped), labelled by the teacher alone. Pays most on small tasks."
+        },
+    )
+    augment_word_prob: float = field(
+        default=0.15, metadata={"help": "Fraction of the words edited in each augmented copy, in (0, 1]."}
+    )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Validation examples used."})
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
+
+    def __post_init__(self):
+        if self.augment_copies < 0:
+            raise ValueError(f"--augment_copies must be 0 (off) or more, got {self.augment_copies}.")
+        if not 0 < self.augment_word_prob <= 1:
+            raise ValueError(
+                f"--augment_word_prob is the fraction of words edited per copy and must be in (0, 1], got "
+                f"{self.augment_word_prob}."
+            )
 
 
 @dataclass
@@ -137,24 +157,29 @@ def claim_output_dir(output_dir: str, run_record: dict, overwrite: bool, is_main
             json.dump(run_record, file, indent=2)
 
 
-def with_transfer_data(raw, data_args, task):
-    """Labelled train split plus transfer examples whose labels are removed (the teacher labels them)."""
+def with_transfer_data(raw, data_args, task, seed=0):
+    """Labelled train split plus transfer examples whose labels are removed (the teacher labels them): further
+    train rows, a transfer file, and augmented copies of the labelled rows."""
     train = raw["train"]
     num_labelled = min(data_args.max_train_samples or len(train), len(train))
     labelled = train.select(range(num_labelled))
     parts = [labelled]
+    columns = [*task.text_columns, "label"]
     missing_label = float("nan") if task.is_regression else UNLABELLED
+
+    def unlabelled(texts):  # text columns only -> the labelled split's columns, every label missing
+        return texts.add_column("label", [missing_label] * len(texts)).cast(labelled.select_columns(columns).features)
+
     if data_args.transfer_train_samples:
         end = min(num_labelled + data_args.transfer_train_samples, len(train))
         parts.append(train.select(range(num_labelled, end)).map(lambda _: {"label": missing_label}))
     if data_args.transfer_file:
         transfer = load_glue_data(task, train_file=data_args.transfer_file)["train"]
-        transfer = transfer.select_columns(list(task.text_columns))
-        transfer = transfer.add_column("label", [missing_label] * len(transfer)).cast(
-            labelled.select_columns([*task.text_columns, "label"]).features
-        )
-        parts.append(transfer)
-    columns = [*task.text_columns, "label"]
+        parts.append(unlabelled(transfer.select_columns(list(task.text_columns))))
+    if data_args.augment_copies:
+        parts.append(unlabelled(augment_dataset(
+            labelled, task.text_columns, data_args.augment_copies, data_args.augment_word_prob, seed=seed
+        )))
     return labelled, concatenate_datasets([part.select_columns(columns) for part in parts])
 
 
@@ -225,7 +250,7 @@ def main(argv=None):
             model_args.teacher_model_name_or_path,
             model_args.student_model_name_or_path,
         )
-    labelled, distill_data = with_transfer_data(raw, data_args, task)
+    labelled, distill_data = with_transfer_data(raw, data_args, task, seed=training_args.seed)
     eval_splits = {split: raw[split] for split in task.eval_splits if split in raw}
     if data_args.max_eval_samples:
         eval_splits = {s: d.select(range(min(data_args.max_eval_samples, len(d)))) for s, d in eval_splits.items()}
@@ -349,6 +374,11 @@ def main(argv=None):
         or {"from_teacher_layers": getattr(student.config, "hf_distill_init_layers", None)},
         "transfer_examples": len(distill_data) - len(labelled),
         "labelled_examples": len(labelled),
+        **(
+            {"augmentation": {"copies": data_args.augment_copies, "word_prob": data_args.augment_word_prob}}
+            if data_args.augment_copies
+            else {}
+        ),
         "num_train_epochs": training_args.num_train_epochs,
         "learning_rate": training_args.learning_rate,
         **alignment_settings(trainer),

@@ -61,7 +61,8 @@ def test_recipe_end_to_end(tmp_path, task, num_labels, metric, capsys):
     teacher = save_teacher(str(tmp_path / "teacher_in"), num_labels)
     output_dir = str(tmp_path / "run")
     recipe.main(recipe_args(
-        task, teacher, output_dir, "--finetune_teacher", "yes", "--transfer_train_samples", "40", "--max_train_samples", "120"
+        task, teacher, output_dir, "--finetune_teacher", "yes", "--transfer_train_samples", "40", "--max_train_samples", "120",
+        "--augment_copies", "1",
     ))
 
     student_dir = os.path.join(output_dir, "student")
@@ -84,7 +85,8 @@ def test_recipe_end_to_end(tmp_path, task, num_labels, metric, capsys):
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert len(results) == len(student_row["all_metrics"])
     assert results[{"pearson": "pearsonr"}.get(metric, metric)] == pytest.approx(student_row["metric_value"])
-    assert card.data.distillation["transfer_examples"] == 40
+    assert card.data.distillation["transfer_examples"] == 40 + 120
+    assert card.data.distillation["augmentation"] == {"copies": 1, "word_prob": 0.15}
     assert os.path.exists(os.path.join(student_dir, "report.png"))
     assert "| student |" in capsys.readouterr().out
     assert not [name for name in os.listdir(student_dir) if "teacher" in name or name.startswith("_")]
