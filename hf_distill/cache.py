@@ -172,6 +172,7 @@ def cache_teacher_logits(
     batch_size: int = 256,
     overwrite: bool = False,
     device: torch.device | str | None = None,
+    show_progress: bool = True,
 ) -> Dataset:
     """Return `dataset` with a column of the teacher's logits, computed once and reused on later calls.
 
@@ -185,6 +186,8 @@ def cache_teacher_logits(
         batch_size: examples per teacher forward; batches are formed from length-sorted examples.
         overwrite: rebuild a cache that another teacher, tokenizer or dtype produced instead of refusing it.
         device: where the teacher runs; default the device of its parameters.
+        show_progress: show a progress bar while the teacher runs (`DistillationTrainer` passes
+            `not args.disable_tqdm`).
 
     Under several processes the main process builds the cache and the others wait and load it.
     """
@@ -216,9 +219,9 @@ def cache_teacher_logits(
                     "Delete that folder, or rebuild it with overwrite=True (--overwrite_teacher_cache)."
                 )
             if cached_record != record:
-                _build(teacher, dataset, record, path, column, dtype, batch_size, device)
+                _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress)
         elif state.is_main_process:
-            _build(teacher, dataset, record, path, column, dtype, batch_size, device)
+            _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress)
         else:
             raise RuntimeError(
                 f"Process {state.process_index} found no teacher-logit cache at {path} after the main process built "
@@ -230,8 +233,8 @@ def cache_teacher_logits(
     return concatenate_datasets([dataset, logits_dataset], axis=1)
 
 
-def _build(teacher, dataset, record, path, column, dtype, batch_size, device) -> None:
-    logits = _run_teacher(teacher, dataset, batch_size, device, show_progress=True).astype(_TORCH_DTYPES[dtype])
+def _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress) -> None:
+    logits = _run_teacher(teacher, dataset, batch_size, device, show_progress).astype(_TORCH_DTYPES[dtype])
     _check_logit_values(logits, column, teacher.config.num_labels)
     flat = pa.array(logits.reshape(-1))
     logits_dataset = Dataset(pa.table({column: pa.FixedSizeListArray.from_arrays(flat, logits.shape[1])}))

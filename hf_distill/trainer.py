@@ -260,6 +260,7 @@ class DistillationTrainer(Trainer):
             batch_size=args.teacher_cache_batch_size,
             overwrite=args.overwrite_teacher_cache,
             device=args.device,
+            show_progress=not args.disable_tqdm,
         )
 
     def _set_signature_columns_if_needed(self):

@@ -156,3 +156,9 @@ def test_cache_key_ignores_the_tokenizers_call_state(tmp_path, tokenizer):
     again = cache_teacher_logits(teacher, dataset, tokenizer=tokenizer, cache_dir=cache_dir)
     assert counting.calls == 0
     assert again["teacher_logits"] == first["teacher_logits"]
+
+
+@pytest.mark.parametrize("show_progress", [True, False])
+def test_progress_bar_follows_show_progress(teacher, cache_dir, capsys, show_progress):
+    cache_teacher_logits(teacher, toy_dataset(8), cache_dir=cache_dir, show_progress=show_progress)
+    assert ("Caching teacher logits" in capsys.readouterr().err) == show_progress
