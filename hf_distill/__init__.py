@@ -10,6 +10,7 @@ from .alignment import (
     value_relation_loss,
 )
 from .arguments import DistillationTrainingArguments
+from .augment import augment_dataset
 from .cache import cache_teacher_logits
 from .losses import kl_divergence_loss, label_loss, logit_mse_loss
 from .student_init import init_student_from_teacher, select_teacher_layers
@@ -25,6 +26,7 @@ __all__ = [
     "HiddenStateProjection",
     "attention_mse_loss",
     "attention_relation_loss",
+    "augment_dataset",
     "cache_teacher_logits",
     "hidden_cosine_loss",
     "hidden_mse_loss",

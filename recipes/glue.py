@@ -22,9 +22,8 @@ from huggingface_hub import HfApi
 from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, set_seed
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
-from hf_distill.augment import augment_dataset
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
 from hf_distill.metrics import make_compute_metrics
 from hf_distill.model_card import build_model_card

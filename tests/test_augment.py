@@ -6,7 +6,7 @@ import pytest
 from datasets import ClassLabel, Dataset, Features, Value
 from test_recipe import FIXTURES, recipe
 
-from hf_distill.augment import augment_dataset
+from hf_distill import augment_dataset
 
 
 def sentences(num=40, length=12):
