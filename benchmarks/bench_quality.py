@@ -12,41 +12,53 @@ of its layers (0, 3, 5: the recipe default `uniform`), copied from the fine-tune
 
 Variants (`--only` takes these names):
 
-  sst2-transfer         The recipe default, `recipes/configs/sst2_minilm.yaml` unchanged: SST-2 from `recipes/data/sst2`
-                        (the first 20,000 train rows; validation 872). Teacher fine-tuned 2 epochs on the first 4,000
-                        rows; student distilled 2 epochs on those 4,000 labelled sentences plus the next 8,000 with
-                        their labels dropped (transfer data: the teacher's logits are their only target), T=2,
-                        alpha=0.5. Baseline: the same student init, 2 epochs on the 4,000 labelled sentences. Its
-                        teacher and baseline serve every other sst2-* variant.
-  sst2-naive            KD on the 4,000 labelled sentences only (no transfer data), T=2, alpha=0.5, 2 epochs.
+  sst2-transfer         The recipe default, `recipes/configs/sst2_minilm.yaml` as shipped: SST-2 from
+                        `recipes/data/sst2` (the first 20,000 train rows; validation 872). Teacher fine-tuned 2 epochs
+                        on the first 4,000 rows; student distilled 2 epochs on those 4,000 labelled sentences plus the
+                        next 8,000 with their labels dropped (transfer data: the teacher's logits are their only
+                        target), T=2, alpha=0.9. Baseline: the same student init, 2 epochs on the 4,000 labelled
+                        sentences. Its teacher and baseline serve every other sst2-* variant.
+  sst2-transfer-a0.5    As sst2-transfer with alpha=0.5.
+  sst2-naive            KD on the 4,000 labelled sentences only (no transfer data) at the trainer's defaults, T=2,
+                        alpha=0.5.
   sst2-naive-T<t>-a<a>  The T/alpha sweep, on the naive setting (the cheap one: 250 student steps instead of 750):
                         T in {1, 4} x alpha in {0.5, 0.9}, otherwise as sst2-naive.
-  sst2-transfer-T4-a0.9 The transfer setting (as sst2-transfer) with the sweep's best setting, T=4, alpha=0.9.
-  cola, mrpc, rte, stsb `recipes/configs/<task>_minilm.yaml`: the full GLUE train set of the task from
-                        `../shared/data/glue/<task>`, no transfer data, T=2, alpha=0.5; teacher fine-tuned by the
-                        recipe, then baseline and KD student. Epochs (teacher / student): cola 3/2, mrpc 3/2,
-                        rte 3/2, stsb 2/2; max_seq_length 64 (cola) or 128 (pairs); batches grouped by length.
-                        Metrics: cola Matthews correlation, mrpc F1, rte accuracy, stsb Pearson.
+  sst2-transfer-16k     As sst2-transfer with all 16,000 remaining shipped rows as transfer data.
+  sst2-transfer-aug2    As sst2-transfer plus 2 augmented copies of each labelled sentence (`--augment_copies`).
+  sst2-transfer-full    The issue's transfer setting: the teacher labels the whole rest of the SST-2 train set
+                        (`../shared/data/glue/sst2`, 63,349 sentences), student 1 epoch.
+  cola, mrpc, rte, stsb `recipes/configs/<task>_minilm.yaml` as shipped: the full GLUE train set of the task from
+                        `../shared/data/glue/<task>` plus augmented copies of it as transfer data (`augment_copies`
+                        in the config), T=2, alpha=0.9. Epochs (teacher / student): cola 3/2, mrpc 3/2, rte 3/2,
+                        stsb 2/2; max_seq_length 64 (cola) or 128 (pairs); batches grouped by length. Metrics: cola
+                        Matthews correlation, mrpc F1, rte accuracy, stsb Pearson.
+  <task>-noaug          The same without augmentation, alpha=0.5 (those configs until this benchmark): fine-tunes the
+                        task's teacher and trains its baseline, which <task> reuses.
+  cola-tinybert         As cola, after one epoch of TinyBERT's intermediate stage (hidden-state and attention MSE,
+                        teacher online; `--intermediate_epochs 1`).
 
 Work is reused: a variant that names another in `reuses` loads that run's fine-tuned teacher folder (it has a head,
-so the recipe uses it as is) and skips its own baseline, since the other run's baseline had the same labelled data,
-init and budget. A variant whose `results.json` exists is skipped, so an interrupted bench resumes where it stopped.
-A finished run of the shipped default config (`--sst2_default_run`, default `outputs/sst2_minilm`) stands in for
-sst2-transfer instead of being trained again.
+so the recipe uses it as is) and skips its own baseline: the other run's baseline had the same labelled data, init
+and budget. A variant whose `results.json` exists is skipped, so an interrupted bench resumes where it stopped. A
+finished run made elsewhere stands in for a variant with `--reuse_run VARIANT=DIR` (default: the README's main
+command, `outputs/sst2_minilm`, for sst2-transfer), once its recorded settings match.
 
 Targets: SST-2 default student >= 99% of the teacher, >= +1.0 point over the baseline, >= 1.9x faster on CPU;
 average retention over the five tasks (sst2-transfer, cola, mrpc, rte, stsb) >= 97%.
 
-Run from the repository root (about 90 minutes on 2 CPU cores when nothing is reused):
+Run from the repository root (about 3 hours on one free core, `--threads 1`, when nothing is reused; two
+processes with disjoint `--only` lists and `--threads 1` share one --output_dir safely):
     python benchmarks/bench_quality.py                          # every variant, then the summary
+    python benchmarks/bench_quality.py --threads 1              # the same on a machine shared with other jobs
+    python benchmarks/bench_quality.py --summary_only --speed_rounds 3   # re-measure CPU speed-ups, quiet machine
     python benchmarks/bench_quality.py --only sst2-naive cola   # some variants (and what they reuse)
     python benchmarks/bench_quality.py --dry_run                # print the configs, run nothing
     python benchmarks/bench_quality.py --summary_only           # the table from the runs already done
     python benchmarks/bench_quality.py --output_dir /tmp/smoke --only sst2-naive \\
         --set max_train_samples=64 transfer_train_samples=64 max_eval_samples=64 teacher_num_train_epochs=0.2
 Writes to --output_dir (default outputs/bench_quality): `<variant>/` (the recipe's output), `<variant>.log`,
-`configs/<variant>.yaml` (the exact recipe config), `runs/<variant>.json` (wall and CPU time), `summary.json`,
-`summary.md`.
+`configs/<variant>.yaml` (the exact recipe config), `runs/<variant>.json` (wall and CPU time), `speed/<variant>.json`
+(with --speed_rounds), `summary.json`, `summary.md`.
 """
 
 import argparse
@@ -65,7 +77,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "recipes/glue.py"
 CONFIG_DIR = "recipes/configs"
-DEFAULT_VARIANT = "sst2-transfer"
+DEFAULT_VARIANT = "sst2-transfer"  # recipes/configs/sst2_minilm.yaml as shipped
 # The recipe's defaults for the distillation loss, used when a config does not set them.
 DEFAULT_TEMPERATURE = 2.0
 DEFAULT_ALPHA = 0.5
@@ -89,13 +101,13 @@ class Variant:
     name: str
     config: str
     settings: dict = field(default_factory=dict)
-    reuses: str | None = None  # variant whose teacher and label-only baseline this one shares
+    reuses: str | None = None  # variant whose fine-tuned teacher and label-only baseline this one shares
 
 
-def _sst2_kd(name: str, transfer: bool, temperature: float, alpha: float) -> Variant:
-    settings = {"temperature": temperature, "alpha": alpha}
-    if not transfer:
-        settings["transfer_train_samples"] = 0
+SST2_FULL_TRAIN = "../shared/data/glue/sst2/train.tsv"  # 67,349 rows; its first 20,000 are recipes/data/sst2's
+
+
+def _sst2(name: str, **settings) -> Variant:
     return Variant(name, "sst2_minilm.yaml", settings, reuses=DEFAULT_VARIANT)
 
 
@@ -103,14 +115,26 @@ VARIANTS = {
     variant.name: variant
     for variant in (
         Variant(DEFAULT_VARIANT, "sst2_minilm.yaml"),
-        _sst2_kd("sst2-naive", transfer=False, temperature=2.0, alpha=0.5),
-        *(Variant(task, f"{task}_minilm.yaml") for task in ("cola", "mrpc", "rte", "stsb")),
+        _sst2("sst2-transfer-a0.5", alpha=0.5),
+        _sst2("sst2-naive", transfer_train_samples=0, temperature=2.0, alpha=0.5),
         *(
-            _sst2_kd(f"sst2-naive-T{temperature:g}-a{alpha:g}", False, temperature, alpha)
+            _sst2(f"sst2-naive-T{temperature:g}-a{alpha:g}", transfer_train_samples=0, temperature=temperature,
+                  alpha=alpha)
             for temperature in (1.0, 4.0)
             for alpha in (0.5, 0.9)
         ),
-        _sst2_kd("sst2-transfer-T4-a0.9", transfer=True, temperature=4.0, alpha=0.9),
+        _sst2("sst2-transfer-16k", transfer_train_samples=16000),
+        _sst2("sst2-transfer-aug2", augment_copies=2),
+        _sst2("sst2-transfer-full", train_file=SST2_FULL_TRAIN, transfer_train_samples=63349, num_train_epochs=1),
+        *(
+            variant
+            for task in ("cola", "mrpc", "rte", "stsb")
+            for variant in (
+                Variant(f"{task}-noaug", f"{task}_minilm.yaml", {"augment_copies": 0, "alpha": 0.5}),
+                Variant(task, f"{task}_minilm.yaml", reuses=f"{task}-noaug"),
+            )
+        ),
+        Variant("cola-tinybert", "cola_minilm.yaml", {"intermediate_epochs": 1}, reuses="cola-noaug"),
     )
 }
 
@@ -123,9 +147,12 @@ def parse_args():
     parser.add_argument("--output_dir", default="outputs/bench_quality", help="Folder of the runs and the summary.")
     parser.add_argument("--only", nargs="+", metavar="VARIANT", help="Run these variants (and what they reuse).")
     parser.add_argument(
-        "--sst2_default_run",
-        default="outputs/sst2_minilm",
-        help="A finished run of recipes/configs/sst2_minilm.yaml that stands in for sst2-transfer; '' to ignore.",
+        "--reuse_run",
+        nargs="*",
+        default=[f"{DEFAULT_VARIANT}=outputs/sst2_minilm"],
+        metavar="VARIANT=DIR",
+        help="Finished recipe runs made elsewhere that stand in for variants, copied in after their settings are "
+        "checked; default: %(default)s (the README's main command). Give no value to train every variant here.",
     )
     parser.add_argument(
         "--set",
@@ -153,18 +180,19 @@ def parse_args():
         "on a quiet machine: the recipe measures while it runs, so other load skews its figures.",
     )
     args = parser.parse_args()
-    unknown = sorted(set(args.only or ()) - set(VARIANTS))
+    args.reuse_run = dict(_parse_pair(parser, "--reuse_run", item) for item in args.reuse_run)
+    unknown = sorted(set(args.only or ()).union(args.reuse_run) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from: {', '.join(VARIANTS)}")
-    args.set = dict(_parse_setting(parser, item) for item in args.set)
+    args.set = {key: yaml.safe_load(value) for key, value in (_parse_pair(parser, "--set", item) for item in args.set)}
     return args
 
 
-def _parse_setting(parser, item: str) -> tuple[str, object]:
+def _parse_pair(parser, option: str, item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key:
-        parser.error(f"--set takes KEY=VALUE items, got {item!r}")
-    return key, yaml.safe_load(value)
+        parser.error(f"{option} takes KEY=VALUE items, got {item!r}")
+    return key, value
 
 
 def has_results(output_dir: str) -> bool:
@@ -176,49 +204,52 @@ def load_yaml(path: str) -> dict:
         return yaml.safe_load(file)
 
 
-def check_default_run(run_dir: str, config: dict) -> None:
-    """Raise unless `run_dir` was produced by the shipped default config (its recorded settings match).
-
-    The teacher may differ in name only: a run given the teacher that the default config fine-tunes, saved to a
-    folder, is the same run without the teacher stage.
-    """
+def check_finished_run(name: str, run_dir: str, config: dict) -> None:
+    """Raise unless the run in `run_dir` had the settings of `config`: those in its run record (data, model,
+    recipe) and the distillation settings in its student's card. The teacher may differ in name only: a run given
+    the teacher that the config fine-tunes, saved to a folder, is the same run without the teacher stage."""
     with open(os.path.join(REPO_ROOT, run_dir, "hf_distill_run.json"), encoding="utf-8") as file:
-        record = json.load(file)
-    recorded = {key: value for section in record.values() for key, value in section.items()}
+        recorded = {key: value for section in json.load(file).values() for key, value in section.items()}
+    with open(os.path.join(REPO_ROOT, run_dir, "student", "README.md"), encoding="utf-8") as file:
+        recorded.update(yaml.safe_load(file.read().split("---")[1])["distillation"])
+    expected = {"temperature": DEFAULT_TEMPERATURE, "alpha": DEFAULT_ALPHA, **config}
     differing = [
-        key
-        for key, value in config.items()
+        f"{key} ({recorded[key]!r}, expected {value!r})"
+        for key, value in expected.items()
         if key in recorded and recorded[key] != value and key != "teacher_model_name_or_path"
     ]
     if differing:
         raise SystemExit(
-            f"--sst2_default_run {run_dir} is not a run of {CONFIG_DIR}/{VARIANTS[DEFAULT_VARIANT].config}: "
-            f"{', '.join(differing)} differ. Pass --sst2_default_run '' to run sst2-transfer here instead."
+            f"--reuse_run {name}={run_dir}: that run's settings differ from {name}'s: {', '.join(differing)}. "
+            f"Give another run, or leave {name} out of --reuse_run to train it here."
         )
     if recorded["teacher_model_name_or_path"] != config["teacher_model_name_or_path"]:
-        print(f"{DEFAULT_VARIANT}: reusing {run_dir}, whose teacher came from {recorded['teacher_model_name_or_path']}")
+        print(f"{name}: {run_dir} was given the teacher {recorded['teacher_model_name_or_path']}", flush=True)
 
 
 def output_dirs(args) -> dict[str, str]:
     """Each variant's output folder (relative to the repository root when given so).
 
-    A finished default run given by --sst2_default_run is copied in as sst2-transfer's folder (a dry run only points
-    at it): later variants load its teacher, which a new run of the default config there would delete.
+    A finished run given by --reuse_run is copied in as its variant's folder (a dry run only points at it): later
+    variants load its teacher, which a new run in the original folder would delete.
     """
     dirs = {name: os.path.join(args.output_dir, name) for name in VARIANTS}
-    default_run, own_dir = args.sst2_default_run, dirs[DEFAULT_VARIANT]
-    if default_run and not args.set and not has_results(own_dir) and has_results(default_run):
-        check_default_run(default_run, load_yaml(os.path.join(CONFIG_DIR, VARIANTS[DEFAULT_VARIANT].config)))
+    if args.set:  # the runs made elsewhere had other settings
+        return dirs
+    for name, run_dir in args.reuse_run.items():
+        if has_results(dirs[name]) or not has_results(run_dir):
+            continue
+        check_finished_run(name, run_dir, resolve_config(VARIANTS[name], dirs, {}))
         if args.dry_run:
-            dirs[DEFAULT_VARIANT] = default_run
-        else:
-            shutil.copytree(
-                os.path.join(REPO_ROOT, default_run),
-                os.path.join(REPO_ROOT, own_dir),
-                ignore=shutil.ignore_patterns("_eval", "checkpoint-*"),
-                dirs_exist_ok=True,
-            )
-            print(f"{DEFAULT_VARIANT}: copied the finished default run {default_run} to {own_dir}", flush=True)
+            dirs[name] = run_dir
+            continue
+        shutil.copytree(
+            os.path.join(REPO_ROOT, run_dir),
+            os.path.join(REPO_ROOT, dirs[name]),
+            ignore=shutil.ignore_patterns("_eval", "checkpoint-*"),
+            dirs_exist_ok=True,
+        )
+        print(f"{name}: copied the finished run {run_dir} to {dirs[name]}", flush=True)
     return dirs
 
 
@@ -314,6 +345,7 @@ def summary_row(variant: Variant, config: dict, dirs: dict[str, str], output_dir
         "alpha": config.get("alpha", DEFAULT_ALPHA),
         "labelled_examples": config.get("max_train_samples"),
         "transfer_examples": config.get("transfer_train_samples", 0),
+        "augment_copies": config.get("augment_copies", 0),
         "teacher": teacher,
         "baseline": baseline,
         "student": student,
@@ -404,7 +436,8 @@ def summary_to_markdown(summary: dict) -> str:
     def data(row):
         labelled = "all" if row["labelled_examples"] is None else f"{row['labelled_examples']:,}"
         transfer = row["transfer_examples"] or 0
-        return f"{labelled} + {transfer:,} transfer" if transfer else labelled
+        copies = row.get("augment_copies") or 0
+        return labelled + (f" + {transfer:,} transfer" if transfer else "") + (f" + {copies}× aug" if copies else "")
 
     def minutes(seconds):
         return "–" if seconds is None else f"{seconds / 60:.1f}"
