@@ -183,7 +183,12 @@ def _card_body(
     chart_path,
 ) -> str:
     task_text = f"the GLUE **{task.name}** task" if task else "a text-classification task"
-    init_text = f", initialised from {_hub_link(base_model)}" if _is_hub_id(base_model) else ""
+    student_init = settings.get("student_init")
+    teacher_layers = student_init.get("from_teacher_layers") if isinstance(student_init, dict) else None
+    if teacher_layers:
+        init_text = f", initialised from its layers {', '.join(map(str, teacher_layers))}"
+    else:
+        init_text = f", initialised from {_hub_link(base_model)}" if _is_hub_id(base_model) else ""
     lines = [
         f"# {model_name}",
         "",

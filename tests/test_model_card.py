@@ -96,3 +96,10 @@ def test_local_student_and_data_regression(tmp_path):
 def test_tags_are_unique(extra_tags):
     tags = ModelCard(str(build_model_card(**card_arguments(extra_tags=extra_tags)))).data.tags
     assert len(tags) == len(set(tags))
+
+
+def test_body_names_the_teacher_layers_a_student_was_built_from():
+    settings = card_arguments()["distillation_settings"] | {"student_init": {"from_teacher_layers": [0, 3, 5]}}
+    text = build_model_card(**card_arguments(distillation_settings=settings)).text
+    assert "textattack/bert-base-uncased-SST-2`](https://huggingface.co/textattack/bert-base-uncased-SST-2), " \
+        "initialised from its layers 0, 3, 5, on the GLUE **sst2** task" in text
