@@ -34,12 +34,15 @@ Variants (`--only` takes these names):
                         stsb Pearson. Fine-tunes the task's teacher and trains its baseline, which the others reuse.
   <task>-aug<n>         The same plus n augmented copies of each train example as transfer data (`augment_copies`;
                         cola and stsb 4, mrpc and rte 8), alpha=0.9.
+  <task>-l3             As <task>-noaug with another student: the pretrained 3-layer paraphrase-MiniLM-L3-v2
+                        (`../shared/models`, same tokenizer and width) instead of 3 layers copied from the teacher;
+                        its label-only baseline starts from the same checkpoint.
   cola-tinybert         As cola-aug4, after one epoch of TinyBERT's intermediate stage (hidden-state and attention MSE,
                         teacher online; `--intermediate_epochs 1`).
 
 Work is reused: a variant that names another in `reuses` loads that run's fine-tuned teacher folder (it has a head,
-so the recipe uses it as is) and skips its own baseline: the other run's baseline had the same labelled data, init
-and budget. A variant whose `results.json` exists is skipped, so an interrupted bench resumes where it stopped. A
+so the recipe uses it as is) and, unless its student starts elsewhere (<task>-l3), skips its own baseline: the other
+run's baseline had the same labelled data, init and budget. A variant whose `results.json` exists is skipped, so an interrupted bench resumes where it stopped. A
 finished run made elsewhere stands in for a variant with `--reuse_run VARIANT=DIR` (default: the README's main
 command, `outputs/sst2_minilm`, for sst2-transfer), once its recorded settings match.
 
@@ -103,9 +106,11 @@ class Variant:
     name: str
     config: str
     settings: dict = field(default_factory=dict)
-    reuses: str | None = None  # variant whose fine-tuned teacher and label-only baseline this one shares
+    reuses: str | None = None  # variant whose fine-tuned teacher this one loads
+    reuse_baseline: bool = True  # and whose label-only baseline it shares (False: another student init)
 
 
+PRETRAINED_L3_STUDENT = "../shared/models/paraphrase-MiniLM-L3-v2"  # see ../shared/MODELS.md
 SST2_FULL_TRAIN = "../shared/data/glue/sst2/train.tsv"  # 67,349 rows; its first 20,000 are recipes/data/sst2's
 
 
@@ -138,6 +143,14 @@ VARIANTS = {
                     reuses=f"{task}-noaug",
                 ),
             )
+        ),
+        *(
+            Variant(
+                f"{task}-l3", f"{task}_minilm.yaml",
+                {"student_model_name_or_path": PRETRAINED_L3_STUDENT, "augment_copies": 0, "alpha": 0.5},
+                reuses=f"{task}-noaug", reuse_baseline=False,
+            )
+            for task in ("stsb", "mrpc", "cola", "rte")
         ),
         Variant(
             "cola-tinybert", "cola_minilm.yaml", {"augment_copies": 4, "alpha": 0.9, "intermediate_epochs": 1},
@@ -272,7 +285,7 @@ def resolve_config(variant: Variant, dirs: dict[str, str], extra_settings: dict)
     if variant.reuses:
         config["teacher_model_name_or_path"] = os.path.join(dirs[variant.reuses], "teacher")
         config["finetune_teacher"] = "no"
-        config["baseline"] = False
+        config["baseline"] = not variant.reuse_baseline
     return config
 
 
