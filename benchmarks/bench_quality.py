@@ -37,6 +37,8 @@ Variants (`--only` takes these names):
   <task>-l3             As <task>-noaug with another student: the pretrained 3-layer paraphrase-MiniLM-L3-v2
                         (`../shared/models`, same tokenizer and width) instead of 3 layers copied from the teacher;
                         its label-only baseline starts from the same checkpoint.
+  stsb-6ep              As stsb-noaug with 6 student epochs instead of 2, and a baseline of 6 epochs: whether the 3-layer
+                        students' low STS-B score is a matter of training budget.
   cola-tinybert         As cola-aug4, after one epoch of TinyBERT's intermediate stage (hidden-state and attention MSE,
                         teacher online; `--intermediate_epochs 1`).
 
@@ -151,6 +153,10 @@ VARIANTS = {
                 reuses=f"{task}-noaug", reuse_baseline=False,
             )
             for task in ("stsb", "mrpc", "cola", "rte")
+        ),
+        Variant(
+            "stsb-6ep", "stsb_minilm.yaml", {"augment_copies": 0, "alpha": 0.5, "num_train_epochs": 6},
+            reuses="stsb-noaug", reuse_baseline=False,
         ),
         Variant(
             "cola-tinybert", "cola_minilm.yaml", {"augment_copies": 4, "alpha": 0.9, "intermediate_epochs": 1},
