@@ -25,6 +25,8 @@ Variants (`--only` takes these names):
                         T in {1, 4} x alpha in {0.5, 0.9}, otherwise as sst2-naive.
   sst2-transfer-16k     As sst2-transfer with all 16,000 remaining shipped rows as transfer data.
   sst2-transfer-aug2    As sst2-transfer plus 2 augmented copies of each labelled sentence (`--augment_copies`).
+  sst2-transfer-hidden  As sst2-transfer plus TinyBERT's hidden-state MSE (weight 1, student layers 1-3 against teacher
+                        layers 2, 4, 6), which runs the teacher online.
   sst2-transfer-full    The issue's transfer setting: the teacher labels the whole rest of the SST-2 train set
                         (`../shared/data/glue/sst2`, 63,349 sentences), student 1 epoch.
   <task>-noaug          cola, mrpc, rte, stsb from `recipes/configs/<task>_minilm.yaml`, with no transfer data and
@@ -134,6 +136,7 @@ VARIANTS = {
         ),
         _sst2("sst2-transfer-16k", transfer_train_samples=16000),
         _sst2("sst2-transfer-aug2", augment_copies=2),
+        _sst2("sst2-transfer-hidden", hidden_loss_weight=1.0),
         _sst2("sst2-transfer-full", train_file=SST2_FULL_TRAIN, transfer_train_samples=63349, num_train_epochs=1),
         *(
             variant
