@@ -94,7 +94,7 @@ class DataArguments:
         default=0,
         metadata={
             "help": "Transfer data made from the labelled examples: this many perturbed copies of each (words "
-            "replaced, deleted or swapped), labelled by the teacher alone. Pays most on small tasks."
+            "replaced, deleted or swapped), labelled by the teacher alone. Measured: helped CoLA, hurt MRPC and RTE."
         },
     )
     augment_word_prob: float = field(
