@@ -1,11 +1,12 @@
 """Perturbed copies of training text, for the teacher to label: data augmentation for distillation.
 
 On small tasks with no unlabelled text, TinyBERT (Jiao et al. 2020) gives the student more inputs labelled by the
-teacher by replacing words with BERT-MLM or GloVe neighbours. Here no model is needed: each copy edits a fraction of its words, each edit replacing the word by one
-drawn from the corpus' own word frequencies, deleting it, or swapping it with its right-hand neighbour. The copies
-carry no label: the teacher's soft labels are their only target, so an edit that changes the meaning (or, for
-CoLA, the grammaticality) is what the teacher is asked to judge. Measured (benchmarks/README.md): it helped CoLA
-and hurt the pair tasks MRPC and RTE, where both sentences are edited independently.
+teacher by replacing words with BERT-MLM or GloVe neighbours. Here no model is needed: each copy edits a fraction of
+its words, each edit replacing the word by one drawn from the corpus' own word frequencies, deleting it, or swapping
+it with its right-hand neighbour. The copies carry no label: the teacher's soft labels are their only target, so an
+edit that changes the meaning (or, for CoLA, the grammaticality) is what the teacher is asked to judge. Measured
+(benchmarks/README.md): it helped CoLA and hurt the pair tasks MRPC and RTE, where both sentences are edited
+independently.
 """
 
 import numpy as np
