@@ -54,7 +54,7 @@ Targets: SST-2 default student >= 99% of the teacher, >= +1.0 point over the bas
 average retention over the five tasks >= 97%, each at its shipped config: sst2-transfer, cola-aug4, mrpc-noaug,
 rte-noaug, stsb-6ep.
 
-Run from the repository root (about 3 hours on one free core, `--threads 1`, when nothing is reused; two
+Run from the repository root (about 4 hours of one core, `--threads 1`, when nothing is reused; two
 processes with disjoint `--only` lists and `--threads 1` share one --output_dir safely):
     python benchmarks/bench_quality.py                          # every variant, then the summary
     python benchmarks/bench_quality.py --threads 1              # the same on a machine shared with other jobs
