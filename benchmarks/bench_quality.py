@@ -463,7 +463,7 @@ def summary_to_markdown(summary: dict) -> str:
     def data(row):
         labelled = "all" if row["labelled_examples"] is None else f"{row['labelled_examples']:,}"
         transfer = row["transfer_examples"] or 0
-        copies = row.get("augment_copies") or 0
+        copies = row["augment_copies"]
         return labelled + (f" + {transfer:,} transfer" if transfer else "") + (f" + {copies}× aug" if copies else "")
 
     def minutes(seconds):

@@ -179,7 +179,7 @@ def with_transfer_data(raw, data_args, task, seed=0):
 
     if data_args.transfer_train_samples:
         end = min(num_labelled + data_args.transfer_train_samples, len(train))
-        parts.append(train.select(range(num_labelled, end)).map(lambda _: {"label": missing_label}))
+        parts.append(unlabelled(train.select(range(num_labelled, end)).select_columns(list(task.text_columns))))
     if data_args.transfer_file:
         transfer = load_glue_data(task, train_file=data_args.transfer_file)["train"]
         parts.append(unlabelled(transfer.select_columns(list(task.text_columns))))
