@@ -74,7 +74,7 @@ from hf_distill import (
     cache_teacher_logits,
 )
 from hf_distill.alignment import resolve_layer_map
-from hf_distill.cache import MODEL_INPUT_COLUMNS
+from hf_distill.heads import DistillationHead
 from hf_distill.glue import get_task, load_glue_data, tokenize_glue
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -271,7 +271,7 @@ class TeacherForwardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with torch.no_grad():
-            self.teacher_model(**{name: inputs[name] for name in MODEL_INPUT_COLUMNS if name in inputs})
+            self.teacher_model(**{name: inputs[name] for name in DistillationHead.input_names if name in inputs})
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 

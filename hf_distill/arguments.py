@@ -1,12 +1,14 @@
 """`DistillationTrainingArguments`: `TrainingArguments` plus the knobs of knowledge distillation."""
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from transformers import TrainingArguments
 
-DISTILLATION_LOSSES = ("auto", "kl", "mse")
+DISTILLATION_LOSSES = ("auto", "kl", "reverse_kl", "jsd", "mse")
+TOPK_TAILS = ("rest", "renormalise")
 CACHE_DTYPES = ("float16", "float32")
 # Alignment-loss weight fields, each a term `loss_<name without _loss_weight>` in the logs.
 ALIGNMENT_WEIGHTS = (
@@ -37,9 +39,16 @@ class DistillationTrainingArguments(TrainingArguments):
             T = 1, 2 and 4, with and without transfer data (`benchmarks/README.md`); at 0.5, KD on the teacher's
             own training data scored below the label-only baseline.
         distillation_loss (`str`, defaults to `"auto"`):
-            `"kl"`: KL(teacher || student) on softened distributions, times `T * T_s` (T² when equal);
-            `"mse"`: mean squared error between raw logits; `"auto"`: `"mse"` for regression heads
+            `"kl"`: forward KL(teacher || student) on softened distributions, times `T * T_s` (T² when equal);
+            `"reverse_kl"`: KL(student || teacher); `"jsd"`: generalized Jensen-Shannon with `jsd_beta` (TRL's
+            GKD); `"mse"`: mean squared error between raw logits; `"auto"`: `"mse"` for regression heads
             (`num_labels == 1`), `"kl"` otherwise.
+        jsd_beta (`float`, defaults to `0.5`):
+            β of `"jsd"` in [0, 1]: 0 is forward KL, 1 reverse KL.
+        distillation_head (`str` or `None`, defaults to `None`):
+            Which outputs carry the teacher's distribution (`hf_distill.heads`): `None` chooses from the student's
+            class; or one of `sequence_classification`, `token_classification`, `question_answering`,
+            `causal_lm`, `seq2seq_lm`, `image_classification`, `deit_with_teacher`.
         logits_loss_weight (`float`, defaults to `1.0`):
             Weight of the whole prediction-layer term; `0` trains on the alignment losses only (TinyBERT's
             intermediate stage).
@@ -81,7 +90,16 @@ class DistillationTrainingArguments(TrainingArguments):
         teacher_cache_dtype (`str`, defaults to `"float16"`):
             Storage dtype of cached logits: `"float16"` or `"float32"`.
         teacher_cache_batch_size (`int`, defaults to `256`):
-            Batch size of the teacher pass that builds the cache.
+            Most examples per forward of the teacher pass that builds the cache.
+        teacher_cache_max_tokens (`int` or `None`, defaults to `None`):
+            Optional budget of padded tokens per forward of that pass (examples of similar length are batched
+            up to it).
+        teacher_cache_top_k (`int`, defaults to `64`):
+            Vocabulary-sized outputs (causal and seq2seq LMs) cache the teacher's top-k log-probabilities per token.
+        topk_tail (`str`, defaults to `"rest"`):
+            How a top-k target treats the probability outside the k classes: `"rest"` compares (k+1)-bucket
+            distributions (exact when k covers the vocabulary), `"renormalise"` compares both distributions
+            renormalised over the k classes.
         overwrite_teacher_cache (`bool`, defaults to `False`):
             Rebuild a cache that another teacher, tokenizer or dtype produced instead of refusing it.
     """
@@ -103,6 +121,14 @@ class DistillationTrainingArguments(TrainingArguments):
             "help": "Distillation loss on logits: 'kl' (T²-scaled KL), 'mse', or 'auto' (mse for regression heads).",
             "choices": list(DISTILLATION_LOSSES),
         },
+    )
+
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "Beta of the generalized JSD in [0, 1]: 0 forward KL, 1 reverse KL."}
+    )
+    distillation_head: str | None = field(
+        default=None,
+        metadata={"help": "Which outputs carry the teacher's distribution; default: chosen from the student's class."},
     )
 
     logits_loss_weight: float = field(
@@ -156,6 +182,17 @@ class DistillationTrainingArguments(TrainingArguments):
     teacher_cache_batch_size: int = field(
         default=256, metadata={"help": "Batch size of the teacher pass that builds the cache."}
     )
+    teacher_cache_max_tokens: int | None = field(
+        default=None, metadata={"help": "Optional budget of padded tokens per forward of the cache-building pass."}
+    )
+    teacher_cache_top_k: int = field(
+        default=64, metadata={"help": "Top-k log-probabilities cached per token for vocabulary-sized outputs."}
+    )
+    topk_tail: str = field(
+        default="rest",
+        metadata={"help": "Probability outside a top-k target: 'rest' bucket or 'renormalise'.",
+                  "choices": list(TOPK_TAILS)},
+    )
     overwrite_teacher_cache: bool = field(
         default=False,
         metadata={"help": "Rebuild a teacher-logit cache that other inputs produced instead of refusing it."},
@@ -180,6 +217,26 @@ class DistillationTrainingArguments(TrainingArguments):
                ">= 1 or None")
         _check(self.layer_map is not None, "layer_map", self.layer_map, "'uniform', 'last' or a dict")
         _check(self.teacher_cache_batch_size >= 1, "teacher_cache_batch_size", self.teacher_cache_batch_size, ">= 1")
+        _check(0.0 <= self.jsd_beta <= 1.0, "jsd_beta", self.jsd_beta, "in [0, 1]")
+        _check(self.teacher_cache_top_k >= 1, "teacher_cache_top_k", self.teacher_cache_top_k, ">= 1")
+        _check(self.teacher_cache_max_tokens is None or self.teacher_cache_max_tokens >= 1,
+               "teacher_cache_max_tokens", self.teacher_cache_max_tokens, ">= 1 or None")
+        _check(self.topk_tail in TOPK_TAILS, "topk_tail", self.topk_tail, f"one of {TOPK_TAILS}")
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments) -> "DistillationTrainingArguments":
+        """`args` with the distillation defaults added (a plain `TrainingArguments` given to the trainer)."""
+        values = {}
+        for training_field in dataclasses.fields(TrainingArguments):
+            if not training_field.init:
+                continue
+            value = getattr(args, training_field.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, list) and value and isinstance(value[0], enum.Enum):
+                value = [item.value for item in value]
+            values[training_field.name] = value
+        return cls(**values)
 
 
     def intermediate_stage(self, num_train_epochs: float) -> "DistillationTrainingArguments":

@@ -1,11 +1,22 @@
-"""Teacher-logit cache: run the teacher once, store its logits as a memory-mapped column of the dataset.
+"""Teacher cache: run the teacher once, store its outputs as memory-mapped columns of the dataset.
 
-A cache is a folder holding the logits as an Arrow dataset plus `hf_distill_cache.json`, the record of what
-produced them (teacher config and weights digest, tokenizer digest, max length, dtype, the dataset's fingerprint).
-The folder name depends on the dataset and the column only, so a cache built by another teacher or tokenizer is
-found and refused with a message that says what differs, rather than silently used or silently rebuilt.
+A cache is a folder holding the teacher's outputs as an Arrow file plus `hf_distill_cache.json`, the record of
+what produced them (teacher config and weights digest, tokenizer digest, head, layout, k, temperature, max length,
+dtype, the dataset's fingerprint). The folder name depends on the dataset and the column only, so a cache built
+by another teacher or tokenizer is found and refused with a message that says what differs, rather than silently
+used or silently rebuilt.
 
-Builds are atomic: the logits are written to a temporary folder that is renamed into place once complete.
+Three layouts, chosen by the model's head (`hf_distill.heads`):
+- `dense`: `(num_labels,)` logits per example (sequence and image classification), column `teacher_logits`;
+- `per_token`: `(length, classes)` logits per example, flattened (token classification; QA start/end);
+- `topk`: per token, the teacher's k most likely ids (int32), their log-probabilities at the cache temperature
+  (float16) and the probability left outside them (float32): `teacher_topk_ids`, `teacher_topk_log_probs`,
+  `teacher_topk_rest`, each flattened per example. ~6k + 4 bytes a token instead of 4·vocab.
+
+Builds stream: the dataset is read in shards of `SHARD_EXAMPLES` examples in dataset order; within a shard the
+examples are length-sorted and batched, and the shard's outputs are appended to the Arrow file before the next
+shard starts, so memory holds one shard, never `(examples, length, vocab)`. Builds are atomic: the file is written
+to a temporary folder that is renamed into place once complete.
 """
 
 import hashlib
@@ -19,16 +30,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from accelerate import PartialState
-from datasets import Dataset, concatenate_datasets, load_from_disk
+from datasets import Dataset, Features, List, Sequence, Value, concatenate_datasets
+from datasets.arrow_writer import ArrowWriter
 from datasets.config import HF_DATASETS_CACHE
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
+
 METADATA_FILE = "hf_distill_cache.json"
+DATA_FILE = "teacher_outputs.arrow"
 # Part of every cache's path: a new format (or digest definition) never reads, nor refuses, an older cache.
-CACHE_FORMAT_VERSION = 2
-MODEL_INPUT_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
-_TORCH_DTYPES = {"float16": np.float16, "float32": np.float32}
+CACHE_FORMAT_VERSION = 3
+SHARD_EXAMPLES = 2048
+_NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
+# Padding of model inputs in a teacher batch; other columns pad with 0.
+_PAD_VALUES = {"labels": -100}
 
 
 def _sha256(chunks) -> str:
@@ -65,27 +82,43 @@ def tokenizer_digest(tokenizer) -> str | None:
     return _sha256([type(tokenizer).__name__.encode(), text.encode()])
 
 
-def _input_lengths(dataset: Dataset) -> np.ndarray:
-    """Number of tokens of every example, `(num_examples,)`, read from Arrow without decoding rows."""
-    column = dataset.with_format("arrow")["input_ids"]
-    if isinstance(column, pa.Table):
-        column = column.column(0)
-    return pc.list_value_length(column).to_numpy(zero_copy_only=False)
+def teacher_columns(layout: str, column: str = "teacher_logits") -> dict[str, str]:
+    """Dataset column of each stored field: `{"logits": column}`, or the three top-k columns."""
+    if layout == TOPK:
+        prefix = column.removesuffix("_logits")
+        return {"ids": f"{prefix}_topk_ids", "log_probs": f"{prefix}_topk_log_probs", "rest": f"{prefix}_topk_rest"}
+    return {"logits": column}
 
 
-def _cache_record(teacher: PreTrainedModel, dataset: Dataset, tokenizer, dtype: str, max_length: int) -> dict:
-    return {
+def _lengths(dataset: Dataset, column: str | None) -> np.ndarray | None:
+    """Number of entries of `column` in every example, `(num_examples,)`, read from Arrow without decoding rows."""
+    if column is None or column not in dataset.column_names:
+        return None
+    values = dataset.with_format("arrow")[column]
+    if isinstance(values, pa.Table):
+        values = values.column(0)
+    return pc.list_value_length(values).to_numpy(zero_copy_only=False)
+
+
+def _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes) -> dict:
+    lengths = _lengths(dataset, head.length_column)
+    record = {
         "format_version": CACHE_FORMAT_VERSION,
-        "teacher_name_or_path": teacher.config._name_or_path,
+        "teacher_name_or_path": getattr(teacher.config, "_name_or_path", None),
         "teacher_config_digest": _sha256([teacher.config.to_json_string(use_diff=False).encode()]),
         "teacher_weights_digest": weights_digest(teacher),
         "tokenizer_digest": tokenizer_digest(tokenizer),
-        "max_length": int(max_length),
+        "head": head.name,
+        "layout": head.cache_layout,
+        "max_length": None if lengths is None else int(lengths.max()),
         "dtype": dtype,
         "dataset_fingerprint": dataset._fingerprint,
         "num_examples": len(dataset),
-        "num_labels": teacher.config.num_labels,
+        "num_classes": num_classes,
     }
+    if head.cache_layout == TOPK:
+        record.update(top_k=top_k, temperature=temperature)
+    return record
 
 
 def default_cache_path(dataset: Dataset, column: str, cache_dir: str | None = None) -> str:
@@ -99,10 +132,67 @@ def default_cache_path(dataset: Dataset, column: str, cache_dir: str | None = No
 
 
 def check_teacher_logits(logits_dataset: Dataset, column: str, num_labels: int) -> None:
-    """Raise if the column `column` is not `(num_examples, num_labels)` of finite numbers."""
+    """Raise if the dense column `column` is not `(num_examples, num_labels)` of finite numbers."""
     # Slicing converts the whole column at once; indexing the column by name decodes it row by row (~100x slower).
     values = logits_dataset.select_columns([column]).with_format("numpy")[:][column]
     _check_logit_values(np.asarray(values), column, num_labels)
+
+
+def check_teacher_columns(dataset: Dataset, head: DistillationHead, column: str, num_classes: int,
+                          top_k: int | None = None) -> None:
+    """Raise if the teacher columns of `dataset` do not fit `head` and `num_classes` (shapes, finiteness, ids)."""
+    names = teacher_columns(head.cache_layout, column)
+    missing = [name for name in names.values() if name not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The dataset lacks the teacher column(s) {missing} that a {head.name} head reads (layout "
+            f"'{head.cache_layout}'). Build them with hf_distill.cache_teacher_logits(teacher, dataset)."
+        )
+    if head.cache_layout == DENSE:
+        check_teacher_logits(dataset, names["logits"], num_classes)
+        return
+    lengths = _lengths(dataset, head.length_column)
+    if lengths is None:
+        raise ValueError(f"The dataset has no '{head.length_column}' column: a per-token teacher cache needs it.")
+    if head.cache_layout == PER_TOKEN:
+        widths = {"logits": num_classes}
+    else:
+        stored = _lengths(dataset, names["rest"])
+        if not np.array_equal(stored, lengths):
+            raise ValueError(
+                f"Column '{names['rest']}' holds a different number of positions than '{head.length_column}' in "
+                f"{int((stored != lengths).sum())} rows: the cache was built for other inputs. Rebuild it."
+            )
+        width = int(_lengths(dataset, names["ids"])[0] // max(int(lengths[0]), 1)) if top_k is None else top_k
+        widths = {"ids": width, "log_probs": width}
+    for key, width in widths.items():
+        stored = _lengths(dataset, names[key])
+        bad = np.flatnonzero(stored != lengths * width)
+        if bad.size:
+            raise ValueError(
+                f"Column '{names[key]}' holds {stored[bad[0]]} values in row {bad[0]} where {lengths[bad[0]]} "
+                f"positions x {width} were expected ({bad.size} rows differ): it was built by a teacher with another "
+                f"output width or for other inputs. Rebuild it (hf_distill.cache_teacher_logits)."
+            )
+    flat = {key: _flat_values(dataset, names[key]) for key in names}
+    if "ids" in flat and flat["ids"].size and int(flat["ids"].max()) >= num_classes:
+        raise ValueError(
+            f"Column '{names['ids']}' holds token id {int(flat['ids'].max())} but the models compare "
+            f"{num_classes} classes: the cache comes from a teacher with a larger vocabulary. Rebuild it."
+        )
+    for key in ("logits", "log_probs", "rest"):
+        if key in flat and not np.isfinite(flat[key][flat[key] > -np.inf] if key == "log_probs" else flat[key]).all():
+            raise ValueError(
+                f"Column '{names[key]}' holds NaN or infinite teacher values. Rebuild the cache, in float32 if the "
+                "teacher's logits overflow float16 (teacher_cache_dtype='float32')."
+            )
+
+
+def _flat_values(dataset: Dataset, column: str) -> np.ndarray:
+    values = dataset.with_format("arrow")[column]
+    if isinstance(values, pa.Table):
+        values = values.column(0)
+    return pc.list_flatten(values).to_numpy(zero_copy_only=False)
 
 
 def _check_logit_values(values: np.ndarray, column: str, num_labels: int) -> None:
@@ -121,35 +211,119 @@ def _check_logit_values(values: np.ndarray, column: str, num_labels: int) -> Non
         )
 
 
+def _collate(values: list, pad_value: int) -> torch.Tensor:
+    """Stack equal-shaped values; right-pad 1-D sequences of different lengths with `pad_value`."""
+    arrays = [np.asarray(value) for value in values]
+    if all(array.shape == arrays[0].shape for array in arrays):
+        return torch.as_tensor(np.stack(arrays))
+    width = max(len(array) for array in arrays)
+    padded = np.full((len(arrays), width), pad_value, dtype=arrays[0].dtype)
+    for row, array in enumerate(arrays):
+        padded[row, : len(array)] = array
+    return torch.as_tensor(padded)
+
+
+def _batches(order: np.ndarray, lengths: np.ndarray | None, batch_size: int, max_batch_tokens: int | None):
+    """Consecutive slices of `order` (sorted by decreasing length) of at most `batch_size` examples and, with a
+    token budget, at most `max_batch_tokens` padded tokens."""
+    start = 0
+    while start < len(order):
+        stop = min(start + batch_size, len(order))
+        if max_batch_tokens is not None and lengths is not None:
+            longest = max(int(lengths[order[start]]), 1)
+            stop = min(stop, start + max(1, max_batch_tokens // longest))
+        yield order[start:stop]
+        start = stop
+
+
+def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: float) -> dict[str, torch.Tensor]:
+    """The stored fields of one batch: the head's logits, or their top-k log-probabilities and rest."""
+    if head.cache_layout != TOPK:
+        return values
+    log_probs = torch.log_softmax(values["logits"].float() / temperature, dim=-1)
+    topk_log_probs, topk_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+    rest = (1.0 - topk_log_probs.exp().sum(-1)).clamp_min(0.0)
+    return {"ids": topk_ids.int(), "log_probs": topk_log_probs, "rest": rest}
+
+
 @torch.inference_mode()
-def _run_teacher(teacher: PreTrainedModel, dataset: Dataset, batch_size: int, device, show_progress: bool) -> np.ndarray:
-    """Teacher logits `(num_examples, num_labels)` in dataset order, from length-sorted batches."""
-    lengths = _input_lengths(dataset)
-    order = np.argsort(-lengths, kind="stable")
-    input_columns = [name for name in MODEL_INPUT_COLUMNS if name in dataset.column_names]
-    rows = dataset.select_columns(input_columns).with_format(None)
-    pad_token_id = teacher.config.pad_token_id or 0
-    logits = np.empty((len(dataset), teacher.config.num_labels), dtype=np.float32)
+def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress, top_k, temperature,
+                 pad_token_id):
+    """Yield `(first_index, {field: [per-example arrays]})` shard by shard, in dataset order."""
+    lengths = _lengths(dataset, head.length_column)
+    input_columns = [name for name in (*head.input_names, head.length_column) if name in dataset.column_names]
+    rows = dataset.select_columns(list(dict.fromkeys(input_columns))).with_format(None)
     was_training = teacher.training
     teacher.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc="Caching teacher logits", disable=not show_progress):
-        indices = order[start : start + batch_size]
-        batch = rows[indices.tolist()]
-        width = int(lengths[indices].max())
-        inputs = {}
-        for name in input_columns:
-            pad_value = pad_token_id if name == "input_ids" else 0
-            padded = torch.full((len(indices), width), pad_value, dtype=torch.long)
-            for row, values in enumerate(batch[name]):
-                padded[row, : len(values)] = torch.as_tensor(values)
-            inputs[name] = padded.to(device)
-        if "attention_mask" not in inputs:
-            inputs["attention_mask"] = (
-                torch.arange(width)[None, :] < torch.as_tensor(lengths[indices])[:, None]
-            ).long().to(device)
-        logits[indices] = teacher(**inputs).logits.float().cpu().numpy()
-    teacher.train(was_training)
-    return logits
+    progress = tqdm(total=len(dataset), desc="Caching teacher outputs", disable=not show_progress)
+    try:
+        for shard_start in range(0, len(dataset), SHARD_EXAMPLES):
+            shard = np.arange(shard_start, min(shard_start + SHARD_EXAMPLES, len(dataset)))
+            if lengths is not None:
+                shard = shard[np.argsort(-lengths[shard], kind="stable")]
+            outputs = {}
+            for indices in _batches(shard, lengths, batch_size, max_batch_tokens):
+                batch = rows[indices.tolist()]
+                tensors = {
+                    name: _collate(batch[name], pad_token_id if "input_ids" in name else _PAD_VALUES.get(name, 0))
+                    for name in batch
+                }
+                labels = {"labels": tensors.pop("labels")} if "labels" in tensors else {}
+                if "input_ids" in tensors and "attention_mask" not in tensors:
+                    batch_lengths = torch.as_tensor([len(values) for values in batch["input_ids"]])
+                    tensors["attention_mask"] = (
+                        torch.arange(tensors["input_ids"].shape[1])[None, :] < batch_lengths[:, None]
+                    ).long()
+                tensors = {name: value.to(device) for name, value in tensors.items()}
+                labels = {name: value.to(device) for name, value in labels.items()}
+                inputs = head.teacher_inputs(head.prepare_inputs(tensors, labels, teacher))
+                values = _encode(head, head.cache_values(teacher(**inputs), inputs), top_k, temperature)
+                for key, value in values.items():
+                    value = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
+                    for row, index in enumerate(indices):
+                        example = value[row] if lengths is None or head.cache_layout == DENSE else (
+                            value[row, : lengths[index]]
+                        )
+                        outputs.setdefault(key, {})[int(index)] = example
+                progress.update(len(indices))
+            yield shard_start, {key: [by_index[i] for i in sorted(by_index)] for key, by_index in outputs.items()}
+    finally:
+        progress.close()
+        teacher.train(was_training)
+
+
+def _features(layout: str, names: dict[str, str], dtype: str, num_classes: int) -> Features:
+    if layout == DENSE:
+        return Features({names["logits"]: Sequence(Value(dtype), length=num_classes)})
+    if layout == PER_TOKEN:
+        return Features({names["logits"]: List(Value(dtype))})
+    return Features({names["ids"]: List(Value("int32")), names["log_probs"]: List(Value(dtype)),
+                     names["rest"]: List(Value("float32"))})
+
+
+def _arrow_column(examples: list[np.ndarray], layout: str, key: str, numpy_dtype) -> pa.Array:
+    """Per-example arrays as one Arrow column: fixed-size lists (dense) or flattened variable-size lists."""
+    dtype = np.int32 if key == "ids" else (np.float32 if key == "rest" else numpy_dtype)
+    if layout == DENSE:
+        stacked = np.stack(examples).astype(dtype)
+        return pa.FixedSizeListArray.from_arrays(pa.array(stacked.reshape(-1)), stacked.shape[1])
+    flat = [example.astype(dtype).reshape(-1) for example in examples]
+    offsets = np.concatenate([[0], np.cumsum([len(values) for values in flat])]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat)))
+
+
+def _check_finite(examples: list[np.ndarray], column: str, stored_dtype: str) -> None:
+    for row, values in enumerate(examples):
+        if not np.isfinite(values[values > -np.inf] if "log_probs" in column else values).all():
+            raise ValueError(
+                f"The teacher produced NaN or infinite values for example {row} ('{column}'): run the teacher in "
+                "float32 (a float16 teacher's logits overflow)."
+            )
+        if stored_dtype == "float16" and "rest" not in column and (np.abs(values) > np.finfo(np.float16).max).any():
+            raise ValueError(
+                f"Teacher values of example {row} exceed float16's range ('{column}'): store them as float32 "
+                "(teacher_cache_dtype='float32')."
+            )
 
 
 def _describe_differences(cached: dict, current: dict) -> str:
@@ -170,79 +344,124 @@ def cache_teacher_logits(
     cache_dir: str | None = None,
     dtype: str = "float16",
     batch_size: int = 256,
+    max_batch_tokens: int | None = None,
     overwrite: bool = False,
     device: torch.device | str | None = None,
     show_progress: bool = True,
+    head: DistillationHead | None = None,
+    top_k: int = 64,
+    temperature: float = 1.0,
 ) -> Dataset:
-    """Return `dataset` with a column of the teacher's logits, computed once and reused on later calls.
+    """Return `dataset` with the teacher's outputs as columns, computed once and reused on later calls.
 
     Args:
-        teacher: a sequence-classification model whose `forward` returns `.logits` `(batch, num_labels)`.
-        dataset: tokenized examples with `input_ids` (and optionally `attention_mask`, `token_type_ids`).
+        teacher: a transformers model; `head` (default: chosen from the teacher's class) says which outputs count.
+        dataset: tokenized (or processed) examples with the inputs the head feeds the teacher.
         tokenizer: the tokenizer that produced `input_ids`; recorded in the cache's fingerprint.
-        column: name of the new column, `(num_labels,)` floats per example.
+        column: name of the logits column (`(num_labels,)` dense or `(length * classes,)` per token); top-k
+            caches name theirs `<prefix>_topk_ids/_log_probs/_rest` from it (`teacher_columns`).
         cache_dir: folder holding the caches; default beside the dataset's Arrow files or in the datasets cache.
-        dtype: storage dtype, `"float16"` or `"float32"`.
-        batch_size: examples per teacher forward; batches are formed from length-sorted examples.
-        overwrite: rebuild a cache that another teacher, tokenizer or dtype produced instead of refusing it.
+        dtype: storage dtype of logits and log-probabilities, `"float16"` or `"float32"`.
+        batch_size: most examples per teacher forward; batches are formed from length-sorted examples.
+        max_batch_tokens: optional budget of padded tokens per forward (examples x longest length).
+        overwrite: rebuild a cache that other inputs produced instead of refusing it.
         device: where the teacher runs; default the device of its parameters.
-        show_progress: show a progress bar while the teacher runs (`DistillationTrainer` passes
-            `not args.disable_tqdm`).
+        show_progress: show a progress bar while the teacher runs.
+        head: the [`~hf_distill.heads.DistillationHead`]; its `num_classes` limits vocabulary-sized outputs.
+        top_k: classes kept per token by top-k layouts.
+        temperature: temperature of the stored top-k log-probabilities (the distillation temperature).
 
     Under several processes the main process builds the cache and the others wait and load it.
     """
+    head = head_for(teacher) if head is None else head
     if len(dataset) == 0:
-        raise ValueError("The dataset is empty: there is nothing to compute teacher logits for.")
-    if "input_ids" not in dataset.column_names:
+        raise ValueError("The dataset is empty: there is nothing to compute teacher outputs for.")
+    missing = [name for name in head.input_names[:1] if name not in dataset.column_names]
+    if missing:
         raise ValueError(
-            f"The dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it before caching "
-            "teacher logits."
+            f"The dataset has no '{missing[0]}' column (columns: {dataset.column_names}); "
+            f"{'tokenize' if missing[0] == 'input_ids' else 'process'} it before caching teacher outputs."
         )
-    if column in dataset.column_names:
-        raise ValueError(f"The dataset already has a '{column}' column; remove it or choose another column name.")
-    if dtype not in _TORCH_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(_TORCH_DTYPES)}.")
+    if dataset.format["type"] == "custom":
+        raise ValueError(
+            "The dataset transforms its rows on access (set_transform / with_transform): a cached teacher output "
+            "belongs to one view of an example, and a random augmentation gives another view every epoch. Store "
+            "the processed inputs with dataset.map(...) to cache them, or set use_teacher_cache=False to run the "
+            "teacher online on every batch."
+        )
+    names = teacher_columns(head.cache_layout, column)
+    present = [name for name in names.values() if name in dataset.column_names]
+    if present:
+        raise ValueError(f"The dataset already has the column(s) {present}; remove them or choose another column name.")
+    if dtype not in _NUMPY_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(_NUMPY_DTYPES)}.")
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} is invalid: keep at least 1 class per token.")
 
     state = PartialState()
     if device is None:
         device = next(teacher.parameters()).device
+    num_classes = head.num_classes or _num_classes(teacher, head)
     path = default_cache_path(dataset, column, cache_dir)
-    record = _cache_record(teacher, dataset, tokenizer, dtype, _input_lengths(dataset).max())
+    record = _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
+    build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
+                 batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
+                 show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes)
     with state.main_process_first():
         if os.path.exists(os.path.join(path, METADATA_FILE)):
             with open(os.path.join(path, METADATA_FILE)) as file:
                 cached_record = json.load(file)
             if cached_record != record and not (overwrite and state.is_main_process):
                 raise ValueError(
-                    f"The teacher-logit cache at {path} was built from other inputs:\n"
+                    f"The teacher cache at {path} was built from other inputs:\n"
                     f"{_describe_differences(cached_record, record)}\n"
                     "Delete that folder, or rebuild it with overwrite=True (--overwrite_teacher_cache)."
                 )
             if cached_record != record:
-                _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress)
+                _build(**build)
         elif state.is_main_process:
-            _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress)
+            _build(**build)
         else:
             raise RuntimeError(
-                f"Process {state.process_index} found no teacher-logit cache at {path} after the main process built "
+                f"Process {state.process_index} found no teacher cache at {path} after the main process built "
                 "its own: the processes see different datasets (fingerprints differ). Build the dataset identically "
                 "on every process."
             )
-    logits_dataset = load_from_disk(path)
-    check_teacher_logits(logits_dataset, column, teacher.config.num_labels)
-    return concatenate_datasets([dataset, logits_dataset], axis=1)
+    outputs = Dataset.from_file(os.path.join(path, DATA_FILE))
+    if len(outputs) != len(dataset):
+        raise ValueError(f"The teacher cache at {path} holds {len(outputs)} rows for {len(dataset)} examples: delete it.")
+    combined = concatenate_datasets([dataset, outputs], axis=1)
+    check_teacher_columns(combined, head, column, num_classes, top_k if head.cache_layout == TOPK else None)
+    return combined
 
 
-def _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress) -> None:
-    logits = _run_teacher(teacher, dataset, batch_size, device, show_progress).astype(_TORCH_DTYPES[dtype])
-    _check_logit_values(logits, column, teacher.config.num_labels)
-    flat = pa.array(logits.reshape(-1))
-    logits_dataset = Dataset(pa.table({column: pa.FixedSizeListArray.from_arrays(flat, logits.shape[1])}))
+def _num_classes(teacher, head: DistillationHead) -> int:
+    """Width of the teacher's distributions: `num_labels`, 2 for QA (start, end), or the vocabulary size."""
+    config = teacher.config
+    if head.cache_layout == TOPK:
+        return config.get_text_config().vocab_size
+    if head.name == "question_answering":
+        return 2
+    return config.num_labels
+
+
+def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_batch_tokens, device,
+           show_progress, top_k, temperature, num_classes) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp_path = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    pad_token_id = getattr(teacher.config, "pad_token_id", None) or 0
     try:
-        logits_dataset.save_to_disk(tmp_path)
+        features = _features(head.cache_layout, names, dtype, num_classes)
+        with ArrowWriter(features=features, path=os.path.join(tmp_path, DATA_FILE)) as writer:
+            for _, shard in _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress,
+                                         top_k, temperature, pad_token_id):
+                columns = {}
+                for key, examples in shard.items():
+                    _check_finite(examples, names[key], dtype)
+                    columns[names[key]] = _arrow_column(examples, head.cache_layout, key, _NUMPY_DTYPES[dtype])
+                writer.write_table(pa.table(columns).cast(features.arrow_schema))
+            writer.finalize()
         with open(os.path.join(tmp_path, METADATA_FILE), "w") as file:
             json.dump(record, file, indent=2)
         if os.path.exists(path):

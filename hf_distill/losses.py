@@ -12,10 +12,29 @@ T² of Hinton et al. (2015) when both temperatures are equal. The gradient of th
 student's logits shrinks as 1/T²; the factor keeps its magnitude independent of T, so changing T does not silently
 rescale `alpha`. DistilBERT, torchdistill and DistillKit use T²; TextBrewer, TinyBERT and TRL do not, so their
 `alpha` values are not directly comparable with ours.
+
+Divergences (`divergence_per_row`, `sparse_divergence_per_row`), each per row of `(rows, classes)` logits:
+- `"kl"`: forward KL(teacher || student), the classic KD loss;
+- `"reverse_kl"`: KL(student || teacher), mode-seeking;
+- `"jsd"`: generalized Jensen-Shannon of TRL's GKD, `beta * KL(p_T || m) + (1 - beta) * KL(p_S || m)` with
+  `m = beta * p_T + (1 - beta) * p_S`; `beta=0` is forward KL and `beta=1` reverse KL (TRL's convention).
+Classes where a distribution is 0 (a `-inf` logit, a masked class) contribute 0·log 0 = 0.
+
+Top-k targets (`sparse_divergence_per_row`): the teacher's k most likely classes with their log-probabilities
+and the probability left outside them. `tail="rest"` (default) compares the (k+1)-bucket distributions
+`[p_1 .. p_k, p_rest]` and `[q_1 .. q_k, q_rest]` (q over the student's full vocabulary): a true divergence that
+equals the dense one when k covers the vocabulary. `tail="renormalise"` compares both distributions restricted to
+the k classes and renormalised (DistillKit's "zero" treats the teacher this way).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+TOPK_TAILS = ("rest", "renormalise")
 
 
 def _weighted_mean(
@@ -54,6 +73,54 @@ def kl_divergence_loss(
     Returns:
         A float32 scalar.
     """
+    per_example = divergence_per_row(student_logits, teacher_logits, "kl", temperature, student_temperature)
+    return _weighted_mean(per_example, sample_weight, mask)
+
+
+def _kl_from_log_probs(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last dimension from log-probabilities; classes with p = 0 contribute 0."""
+    # Masking the operands, not the product, keeps the gradient of the p = 0 classes at 0 instead of NaN.
+    support = p_log > -torch.inf
+    zeros = torch.zeros_like(p_log)
+    log_ratio = torch.where(support, p_log - torch.where(support, q_log, zeros), zeros)
+    return (torch.where(support, p_log, zeros).exp() * support * log_ratio).sum(dim=-1)
+
+
+def divergence_from_log_probs(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, kind: str = "kl", beta: float = 0.5
+) -> torch.Tensor:
+    """The divergence `kind` between two distributions given as log-probabilities `(*rows, classes)`; `(*rows)`."""
+    if kind == "kl" or (kind == "jsd" and beta == 0.0):
+        return _kl_from_log_probs(teacher_log_probs, student_log_probs)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
+        return _kl_from_log_probs(student_log_probs, teacher_log_probs)
+    if kind != "jsd":
+        raise ValueError(f"Unknown divergence {kind!r}: use one of {DIVERGENCES}.")
+    mixture_log_probs = torch.logsumexp(
+        torch.stack([student_log_probs + math.log(1.0 - beta), teacher_log_probs + math.log(beta)]), dim=0
+    )
+    return beta * _kl_from_log_probs(teacher_log_probs, mixture_log_probs) + (1.0 - beta) * _kl_from_log_probs(
+        student_log_probs, mixture_log_probs
+    )
+
+
+def divergence_per_row(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: str = "kl",
+    temperature: float = 1.0,
+    student_temperature: float | None = None,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Divergence `kind` of softened distributions, times `T * T_s`, per row.
+
+    Args:
+        student_logits: `(*rows, num_classes)`.
+        teacher_logits: `(*rows, num_classes)`.
+
+    Returns:
+        float32 `(*rows)`.
+    """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
@@ -63,8 +130,73 @@ def kl_divergence_loss(
         student_temperature = temperature
     student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_example = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
-    return _weighted_mean(per_example, sample_weight, mask) * (temperature * student_temperature)
+    divergence = divergence_from_log_probs(student_log_probs, teacher_log_probs, kind, beta)
+    return divergence * (temperature * student_temperature)
+
+
+def sparse_divergence_per_row(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    teacher_rest_probs: torch.Tensor,
+    kind: str = "kl",
+    tail: str = "rest",
+    temperature: float = 1.0,
+    student_temperature: float | None = None,
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """Divergence between the student and the teacher's top-k distribution, times `T * T_s`, per row.
+
+    Args:
+        student_logits: `(rows, vocab)` raw logits.
+        teacher_topk_ids: `(rows, k)` class ids of the teacher's k most likely classes.
+        teacher_topk_log_probs: `(rows, k)` their log-probabilities, taken at temperature `temperature`.
+        teacher_rest_probs: `(rows,)` the teacher's probability outside the top k.
+        tail: `"rest"` or `"renormalise"` (module docstring).
+
+    Returns:
+        float32 `(rows,)`.
+    """
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"Unknown top-k tail handling {tail!r}: use one of {TOPK_TAILS}.")
+    if student_temperature is None:
+        student_temperature = temperature
+    student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    ids = teacher_topk_ids.long()
+    student_topk = student_log_probs.gather(-1, ids)
+    teacher_topk = teacher_topk_log_probs.float()
+    if tail == "renormalise":
+        student_buckets = student_topk - torch.logsumexp(student_topk, dim=-1, keepdim=True)
+        teacher_buckets = teacher_topk - torch.logsumexp(teacher_topk, dim=-1, keepdim=True)
+    else:
+        outside = student_log_probs.scatter(-1, ids, -torch.inf)
+        student_buckets = torch.cat([student_topk, torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1)
+        teacher_rest = teacher_rest_probs.float().clamp_min(0.0).unsqueeze(-1)
+        teacher_buckets = torch.cat([teacher_topk, torch.log(teacher_rest)], dim=-1)
+        # float16 storage rounds the k log-probabilities: renormalise so the buckets sum to exactly 1.
+        teacher_buckets = teacher_buckets - torch.logsumexp(teacher_buckets, dim=-1, keepdim=True)
+    divergence = divergence_from_log_probs(student_buckets, teacher_buckets, kind, beta)
+    return divergence * (temperature * student_temperature)
+
+
+def chunked_per_row(function, *row_tensors: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """`function(*row_tensors)` evaluated `chunk_size` rows at a time, each chunk recomputed in backward.
+
+    For vocabulary-sized rows: only the inputs are kept for backward, not the float32 softmax intermediates of
+    every row, so peak memory is bounded by one chunk.
+    """
+    rows = row_tensors[0].shape[0]
+    if rows <= chunk_size:
+        return function(*row_tensors)
+    needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in row_tensors)
+    chunks = []
+    for start in range(0, rows, chunk_size):
+        pieces = [tensor[start : start + chunk_size] for tensor in row_tensors]
+        if needs_grad:
+            chunks.append(checkpoint(function, *pieces, use_reentrant=False))
+        else:
+            chunks.append(function(*pieces))
+    return torch.cat(chunks)
 
 
 def logit_mse_loss(
@@ -77,13 +209,17 @@ def logit_mse_loss(
 
     This is the distillation loss for regression heads (`num_labels == 1`), where a softmax is meaningless.
     """
+    return _weighted_mean(mse_per_row(student_logits, teacher_logits), sample_weight, mask)
+
+
+def mse_per_row(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between raw logits `(*rows, num_labels)` over the labels; float32 `(*rows)`."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
             "shape: teacher and student must share the label space."
         )
-    per_example = (student_logits.float() - teacher_logits.float()).pow(2).mean(dim=-1)
-    return _weighted_mean(per_example, sample_weight, mask)
+    return (student_logits.float() - teacher_logits.float()).pow(2).mean(dim=-1)
 
 
 def label_loss(
@@ -101,16 +237,31 @@ def label_loss(
     Returns:
         A float32 scalar; 0 when no example in the batch is labelled.
     """
+    per_example = label_loss_per_row(student_logits, labels, ignore_index)
+    return _weighted_mean(per_example, sample_weight, labelled_mask(labels, student_logits.shape[-1], ignore_index))
+
+
+def label_loss_per_row(student_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Cross-entropy (or squared error for float labels of a 1-logit head) per row, 0 where unlabelled.
+
+    Args:
+        student_logits: `(*rows, num_labels)`.
+        labels: `(*rows)` integer class ids (`ignore_index` or negative: unlabelled), or float regression targets
+            (NaN: unlabelled).
+
+    Returns:
+        float32 `(*rows)`.
+    """
     logits = student_logits.float()
     labelled = labelled_mask(labels, logits.shape[-1], ignore_index)
     if logits.shape[-1] == 1 and labels.is_floating_point():
         targets = torch.where(labelled, labels, torch.zeros_like(labels)).float()
-        per_example = (logits.squeeze(-1) - targets).pow(2)
+        per_row = (logits.squeeze(-1) - targets).pow(2)
     else:
         targets = torch.where(labelled, labels, torch.zeros_like(labels)).long()
-        per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-        per_example = per_example.reshape(targets.shape)
-    return _weighted_mean(per_example, sample_weight, labelled)
+        per_row = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+        per_row = per_row.reshape(targets.shape)
+    return torch.where(labelled, per_row, torch.zeros_like(per_row))
 
 
 def labelled_mask(labels: torch.Tensor, num_labels: int, ignore_index: int = -100) -> torch.Tensor:

@@ -9,7 +9,7 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import find_labels, logging
 
@@ -23,18 +23,55 @@ from .alignment import (
     value_relation_loss,
 )
 from .arguments import DistillationTrainingArguments
-from .cache import MODEL_INPUT_COLUMNS, cache_teacher_logits, check_teacher_logits
+from .cache import cache_teacher_logits, check_teacher_columns, teacher_columns
+from .collator import TeacherColumnsCollator
+from .heads import DENSE, TOPK, DistillationHead, TopKTarget, Units, head_for
 from .hooks import capture_outputs, value_projections
-from .losses import kl_divergence_loss, label_loss, labelled_mask, logit_mse_loss
+from .losses import chunked_per_row, divergence_per_row, label_loss_per_row, mse_per_row, sparse_divergence_per_row
 from .teacher import freeze_teacher, place_teacher, use_eager_attention
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
 logger = logging.get_logger(__name__)
+# Rows of vocabulary-sized logits per loss chunk: bounds the float32 softmax intermediates kept for backward.
+LOSS_CHUNK_ROWS = 512
 
 
-def check_label_spaces(student: nn.Module, teacher: nn.Module) -> None:
-    """Raise `ValueError` when teacher and student disagree on labels or vocabulary."""
-    student_config, teacher_config = student.config, teacher.config
+def check_compatible(student: nn.Module, teacher: nn.Module, head: DistillationHead, tokenizer) -> int | None:
+    """Raise `ValueError` when teacher and student disagree on labels or vocabulary; return the number of classes
+    to compare when vocabulary rows are padded (the first `len(tokenizer)`), else None."""
+    student_config, teacher_config = _config(student), _config(teacher)
+    if student_config is None or teacher_config is None:
+        return None
+    teacher_head = head_for(teacher) if _has_head(teacher) else None
+    image_pair = {"image_classification", "deit_with_teacher"}
+    if teacher_head is not None and teacher_head.name != head.name and {teacher_head.name, head.name} != image_pair:
+        raise ValueError(
+            f"The teacher is a {type(_base_model(teacher)).__name__} ({teacher_head.name} outputs) but the student is "
+            f"a {type(_base_model(student)).__name__} ({head.name}): the teacher's distributions do not match the "
+            "student's. Use a teacher with the student's task head."
+        )
+    if head.cache_layout != TOPK:
+        _check_label_spaces(student_config, teacher_config)
+    student_vocab = getattr(student_config.get_text_config(), "vocab_size", None)
+    teacher_vocab = getattr(teacher_config.get_text_config(), "vocab_size", None)
+    if student_vocab is None or teacher_vocab is None or student_vocab == teacher_vocab:
+        return None
+    tokenizer_size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if head.cache_layout == TOPK and tokenizer_size is not None and tokenizer_size <= min(student_vocab, teacher_vocab):
+        logger.info(
+            f"Teacher and student vocabularies have {teacher_vocab} and {student_vocab} rows for a tokenizer of "
+            f"{tokenizer_size} tokens (padded embeddings): comparing the first {tokenizer_size} logits."
+        )
+        return tokenizer_size
+    raise ValueError(
+        f"The teacher's vocabulary has {teacher_vocab} tokens but the student's has {student_vocab}: both read the "
+        "same input_ids, so they must share a tokenizer. Use a student built with the teacher's tokenizer"
+        + (" (pass it as processing_class when only the embedding rows are padded)." if head.cache_layout == TOPK
+           else ".")
+    )
+
+
+def _check_label_spaces(student_config, teacher_config) -> None:
     if student_config.num_labels != teacher_config.num_labels:
         raise ValueError(
             f"The teacher has num_labels={teacher_config.num_labels} but the student has "
@@ -47,13 +84,18 @@ def check_label_spaces(student: nn.Module, teacher: nn.Module) -> None:
             f"The teacher's id2label {teacher_labels} differs from the student's {student_labels}: the logits would "
             "be matched class by class in the wrong order. Build the student with the teacher's id2label."
         )
-    student_vocab = getattr(student_config, "vocab_size", None)
-    teacher_vocab = getattr(teacher_config, "vocab_size", None)
-    if student_vocab is not None and teacher_vocab is not None and student_vocab != teacher_vocab:
-        raise ValueError(
-            f"The teacher's vocabulary has {teacher_vocab} tokens but the student's has {student_vocab}: both read the "
-            "same input_ids, so they must share a tokenizer. Use a student built with the teacher's tokenizer."
-        )
+
+
+def _config(model: nn.Module):
+    return getattr(_base_model(model), "config", None)
+
+
+def _has_head(model: nn.Module) -> bool:
+    try:
+        head_for(model)
+    except ValueError:
+        return False
+    return True
 
 
 def _named_labels(config) -> dict[int, str] | None:
@@ -69,35 +111,39 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _accepts(model: nn.Module, argument: str) -> bool:
+    return argument in inspect.signature(_base_model(model).forward).parameters
+
+
 class DistillationTrainer(Trainer):
     """`transformers.Trainer` that trains the student on the teacher's outputs as well as the labels.
 
     The loss is `logits_loss_weight * (alpha * loss_kd + (1 - alpha) * loss_ce) + sum_i weight_i * loss_i` over the
-    intermediate-layer alignment losses that have a weight > 0 (see [`DistillationTrainingArguments`]).
+    intermediate-layer alignment losses that have a weight > 0 (see [`DistillationTrainingArguments`]). `loss_kd`
+    and `loss_ce` are sums over the positions that count (examples, or tokens for token-level heads) divided by
+    the optimizer step's total over its micro-batches and processes.
 
-    The teacher's logits come from the dataset column `args.teacher_logits_column` when it is present (the fast
-    path: a distillation step then costs a plain training step). Given a `teacher_model` and a dataset without that
-    column, the trainer builds the column once with [`cache_teacher_logits`] (`args.use_teacher_cache=True`, the
-    default) or runs the frozen teacher on every batch (`use_teacher_cache=False`, or any alignment loss on).
+    Which outputs carry the teacher's distribution, and which positions count, is the business of the student's
+    head (`hf_distill.heads`, chosen from the model class). The teacher's outputs come from dataset columns when
+    present (the fast path: a distillation step then costs a plain training step). Given a `teacher_model` and a
+    dataset without them, the trainer builds them once with [`cache_teacher_logits`]
+    (`args.use_teacher_cache=True`, the default) or runs the frozen teacher on every batch
+    (`use_teacher_cache=False`, non-`datasets` datasets, or any alignment loss on).
 
-    When an alignment loss compares hidden states of different widths, `self.model` is a [`DistillWrapper`] of the
-    student and its learned projections; `self.student` is always the student, and `save_model` exports it alone.
+    Without a teacher and without teacher columns it is `transformers.Trainer`, unchanged.
 
     Args:
         model: the student (a `PreTrainedModel` or a PEFT model).
-        args: [`DistillationTrainingArguments`].
+        args: [`DistillationTrainingArguments`]; a plain `TrainingArguments` gets the distillation defaults.
         teacher_model: optional teacher sharing the student's label space and tokenizer. It is frozen (a PEFT
             teacher is merged first), placed by accelerate, never wrapped in DDP and never saved.
         Every other argument is [`~transformers.Trainer`]'s.
     """
 
-    # Losses are per-micro-batch means: Trainer must divide them by the gradient-accumulation steps.
-    loss_is_scaled_for_ga = False
-
     def __init__(
         self,
         model=None,
-        args: DistillationTrainingArguments | None = None,
+        args: TrainingArguments | None = None,
         data_collator=None,
         train_dataset=None,
         eval_dataset=None,
@@ -107,39 +153,49 @@ class DistillationTrainer(Trainer):
     ):
         if args is None:
             args = DistillationTrainingArguments(output_dir="trainer_output")
-        if not isinstance(args, DistillationTrainingArguments):
-            raise TypeError(
-                f"DistillationTrainer needs DistillationTrainingArguments, got {type(args).__name__}: build the "
-                "arguments with hf_distill.DistillationTrainingArguments (it accepts every TrainingArguments field)."
-            )
+        elif not isinstance(args, DistillationTrainingArguments):
+            args = DistillationTrainingArguments.from_training_arguments(args)
         if args.n_gpu > 1:
             raise ValueError(
                 f"{args.n_gpu} GPUs are visible to one process, which would run the student under DataParallel; "
                 "DistillationTrainer supports distributed data parallel only. Launch with `accelerate launch` or "
                 "`torchrun`, or restrict CUDA_VISIBLE_DEVICES to one GPU."
             )
-        if model is not None and teacher_model is not None:
-            check_label_spaces(model, teacher_model)
-        if teacher_model is not None:
-            teacher_model = freeze_teacher(teacher_model)
-        self.teacher_model = teacher_model
+        if args.uses_alignment and teacher_model is None:
+            raise ValueError(
+                "Intermediate-layer losses (hidden/embedding/attention/relation weights > 0) compare the student with "
+                "the teacher's layers, so they need the teacher online: pass teacher_model=... to DistillationTrainer, "
+                "or set those weights to 0 to distil from cached logits only."
+            )
+        eval_datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        distilling = teacher_model is not None or any(
+            self._has_teacher_columns(dataset, args) for dataset in (train_dataset, *eval_datasets)
+        )
+        self.head: DistillationHead | None = None
+        self.teacher_model = None
         self._teacher_prepared = False
         self.layer_map: dict[int, int] = {}
         self._value_relation_heads = self._value_modules = None
-        if model is not None:
+        if model is not None and distilling:
             # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
             # nothing.
+            self.head = head_for(model, args.distillation_head)
+            self._model_config = _config(model)
+            if teacher_model is not None:
+                self.head.num_classes = check_compatible(model, teacher_model, self.head, processing_class)
+                teacher_model = freeze_teacher(teacher_model)
+            self.teacher_model = teacher_model
+            self.distillation_loss = self._resolve_distillation_loss(model, args)
             if args.uses_alignment:
                 model = self._setup_alignment(model, args)
-            student_config = model.config
-            train_dataset = self._with_teacher_logits(train_dataset, "train", args, student_config, processing_class)
+            train_dataset = self._with_teacher_outputs(train_dataset, "train", args, processing_class)
             if isinstance(eval_dataset, dict):
                 eval_dataset = {
-                    name: self._with_teacher_logits(dataset, f"eval '{name}'", args, student_config, processing_class)
+                    name: self._with_teacher_outputs(dataset, f"eval '{name}'", args, processing_class)
                     for name, dataset in eval_dataset.items()
                 }
             else:
-                eval_dataset = self._with_teacher_logits(eval_dataset, "eval", args, student_config, processing_class)
+                eval_dataset = self._with_teacher_outputs(eval_dataset, "eval", args, processing_class)
 
         super().__init__(
             model=model,
@@ -150,21 +206,39 @@ class DistillationTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
-        # The student's forward ignores num_items_in_batch; skipping it avoids a per-step gather.
+        if self.head is None:
+            return
+        # The losses below are sums divided by the whole optimizer step's counts (get_batch_samples), so Trainer
+        # must not divide them by the accumulation steps; the student never needs num_items_in_batch.
+        self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = False
-        if isinstance(self.model, DistillWrapper) and args.label_names is None:
-            # Trainer read the label names off the wrapper's class, which declares none.
-            student_class = _base_model(self.model.student).__class__
-            self.label_names = find_labels(student_class)
-        # Read once: unwrap_model walks every module, which costs ~1% of a step if done per batch.
-        self._num_labels = num_labels = self._student_config.num_labels
-        self._num_student_layers = self._student_config.num_hidden_layers
-        self.distillation_loss = args.distillation_loss
-        if self.distillation_loss == "auto":
-            self.distillation_loss = "mse" if num_labels == 1 else "kl"
+        if args.label_names is None:
+            student_class = _base_model(self.student).__class__
+            # Trainer read the label names off the wrapper's class, or off a class that declares none (DeiT).
+            self.label_names = find_labels(student_class) or list(self.head.default_label_names)
+        self._student_keeps_logits = _accepts(self.student, "logits_to_keep")
+        self._teacher_keeps_logits = self.teacher_model is not None and _accepts(self.teacher_model, "logits_to_keep")
+        self._teacher_column_names = teacher_columns(self.head.cache_layout, args.teacher_logits_column)
+        if self.head.cache_layout != DENSE:
+            widths = {name: None if key == "rest" else (args.teacher_cache_top_k if self.head.cache_layout == TOPK
+                                                        else self._num_classes) for key, name in
+                      self._teacher_column_names.items()}
+            self.data_collator = TeacherColumnsCollator(
+                self.data_collator, widths, self.head.length_column,
+                getattr(processing_class, "padding_side", "right") or "right",
+            )
         self._term_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._term_counts = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._step_loss_weights = None
+        self._step_totals = None
+        self._keep_all_logits = False
+
+    @staticmethod
+    def _has_teacher_columns(dataset, args: DistillationTrainingArguments) -> bool:
+        names = getattr(dataset, "column_names", None) or []
+        return any(
+            name in names for layout in (DENSE, TOPK) for name in teacher_columns(layout, args.teacher_logits_column)
+            .values()
+        )
 
     @property
     def student(self) -> nn.Module:
@@ -176,16 +250,30 @@ class DistillationTrainer(Trainer):
     def _student_config(self):
         return self.student.config
 
+    @property
+    def _num_classes(self) -> int:
+        """Width of a per-token cache row: the head's compared classes, 2 for QA, else the student's labels."""
+        if self.head.num_classes is not None:
+            return self.head.num_classes
+        if self.head.name == "question_answering":
+            return 2
+        return self._student_config.num_labels
+
+    def _resolve_distillation_loss(self, model: nn.Module, args: DistillationTrainingArguments) -> str:
+        regression = self.head.cache_layout != TOPK and getattr(_config(model), "num_labels", None) == 1
+        if args.distillation_loss == "auto":
+            return "mse" if regression else "kl"
+        if args.distillation_loss == "mse" and self.head.cache_layout == TOPK:
+            raise ValueError(
+                "distillation_loss='mse' compares raw logits, but a language-model head distils from top-k "
+                "log-probabilities: use 'kl', 'reverse_kl' or 'jsd' (or 'auto')."
+            )
+        return args.distillation_loss
+
     # ---- set-up ----
 
     def _setup_alignment(self, student: nn.Module, args: DistillationTrainingArguments) -> nn.Module:
         """Validate the alignment settings against both models; return the student, wrapped when it needs projections."""
-        if self.teacher_model is None:
-            raise ValueError(
-                "Intermediate-layer losses (hidden/embedding/attention/relation weights > 0) compare the student with "
-                "the teacher's layers, so they need the teacher online: pass teacher_model=... to DistillationTrainer, "
-                "or set those weights to 0 to distil from cached logits only."
-            )
         student_config, teacher_config = student.config, self.teacher_model.config
         self.layer_map = resolve_layer_map(
             args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
@@ -210,6 +298,7 @@ class DistillationTrainer(Trainer):
                 value_projections(student, list(self.layer_map), "student"),
                 value_projections(self.teacher_model, list(self.layer_map.values()), "teacher"),
             )
+        self._num_student_layers = student_config.num_hidden_layers
         self._num_teacher_layers = teacher_config.num_hidden_layers
 
         projected_layers = []
@@ -230,21 +319,20 @@ class DistillationTrainer(Trainer):
         )
         return DistillWrapper(student, projections)
 
-    def _with_teacher_logits(self, dataset, name: str, args: DistillationTrainingArguments, student_config, tokenizer):
-        """Check the teacher column of `dataset`, building it from the teacher's cache when it is missing."""
+    def _with_teacher_outputs(self, dataset, name: str, args: DistillationTrainingArguments, tokenizer):
+        """Check the teacher columns of `dataset`, building them from the teacher's cache when they are missing."""
         if not isinstance(dataset, datasets.Dataset):
             return dataset
         if len(dataset) == 0:
             raise ValueError(f"The {name} dataset is empty: give it at least one example.")
-        column = args.teacher_logits_column
-        num_labels = student_config.num_labels
-        if column in dataset.column_names:
-            check_teacher_logits(dataset.select_columns([column]), column, num_labels)
+        if self._has_teacher_columns(dataset, args):
+            check_teacher_columns(dataset, self.head, args.teacher_logits_column, self._dataset_num_classes(),
+                                  args.teacher_cache_top_k if self.head.cache_layout == TOPK else None)
             return dataset
         if self.teacher_model is None:
             raise ValueError(
-                f"The {name} dataset has no '{column}' column and no teacher_model was given. Pass "
-                "teacher_model=... to DistillationTrainer, or add the column with "
+                f"The {name} dataset has no '{args.teacher_logits_column}' column and no teacher_model was given. "
+                "Pass teacher_model=... to DistillationTrainer, or add the column with "
                 "hf_distill.cache_teacher_logits(teacher, dataset)."
             )
         if not args.use_teacher_cache or args.uses_alignment:  # the teacher runs on every batch anyway
@@ -254,21 +342,35 @@ class DistillationTrainer(Trainer):
             self.teacher_model,
             dataset,
             tokenizer=tokenizer,
-            column=column,
+            column=args.teacher_logits_column,
             cache_dir=args.teacher_cache_dir,
             dtype=args.teacher_cache_dtype,
             batch_size=args.teacher_cache_batch_size,
+            max_batch_tokens=args.teacher_cache_max_tokens,
             overwrite=args.overwrite_teacher_cache,
             device=args.device,
             show_progress=not args.disable_tqdm,
+            head=self.head,
+            top_k=args.teacher_cache_top_k,
+            temperature=args.temperature,
         )
 
+    def _dataset_num_classes(self) -> int:
+        """Classes of a cached column before `Trainer.__init__` (the student's config is read directly)."""
+        if self.head.num_classes is not None:
+            return self.head.num_classes
+        if self.head.name == "question_answering":
+            return 2
+        return None if self._model_config is None else self._model_config.num_labels
+
     def _set_signature_columns_if_needed(self):
+        if self.head is None:
+            return super()._set_signature_columns_if_needed()
         if self._signature_columns is None:
             # The student's forward decides which columns reach the model, not the projections wrapper's.
             signature = inspect.signature(_base_model(self.student).forward)
             self._signature_columns = list(signature.parameters) + list({"label", "label_ids", *self.label_names})
-        for column in (self.args.teacher_logits_column, self.args.sample_weight_column):
+        for column in (*self._teacher_column_names.values(), self.args.sample_weight_column):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -281,107 +383,156 @@ class DistillationTrainer(Trainer):
 
     # ---- the loss ----
 
-    def _online_teacher_outputs(self, inputs: dict, **output_flags):
-        """Teacher outputs from a no-grad forward on the student's inputs (`logits` `(batch, num_labels)`)."""
+    def _online_teacher_outputs(self, inputs: dict, units: Units | None = None, **output_flags):
+        """Teacher outputs from a no-grad forward on the head's teacher inputs (limited to `units` if it can)."""
         if self.teacher_model is None:
             raise ValueError(
                 f"The batch has no '{self.args.teacher_logits_column}' and no teacher_model was given: pass "
                 "teacher_model=... or add the column with hf_distill.cache_teacher_logits."
             )
         teacher = self._prepared_teacher()
-        teacher_inputs = {name: inputs[name] for name in MODEL_INPUT_COLUMNS if name in inputs}
+        keep = {} if units is None else self.head.forward_kwargs(units, self._teacher_keeps_logits)
         with torch.no_grad():
-            return teacher(**teacher_inputs, **output_flags)
+            return teacher(**self.head.teacher_inputs(inputs), **keep, **output_flags)
+
+    def _pop_batch_fields(self, inputs: dict):
+        """Take the teacher columns, sample weights and labels out of `inputs` (the student must not see them)."""
+        cached = {key: inputs.pop(name) for key, name in self._teacher_column_names.items() if name in inputs}
+        sample_weight = inputs.pop(self.args.sample_weight_column, None)
+        labels = {name: inputs.pop(name) for name in self.label_names if name in inputs}
+        return cached, sample_weight, labels
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The weighted distillation loss of one micro-batch; each term is recorded for the logs."""
-        args = self.args
-        cached_teacher_logits = inputs.pop(args.teacher_logits_column, None)
-        sample_weight = inputs.pop(args.sample_weight_column, None)
-        labels = [inputs.pop(name, None) for name in self.label_names]
-        labels = labels[0] if len(labels) == 1 else None
+        if self.head is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        args, head = self.args, self.head
+        inputs = dict(inputs)
+        cached, sample_weight, labels = self._pop_batch_fields(inputs)
+        inputs = head.prepare_inputs(inputs, labels, self.student)
         mode = "train" if model.training else "eval"
-
+        units = head.units(inputs, labels)
         if args.uses_alignment:
-            student_logits, teacher_logits, alignment_terms = self._aligned_forward(model, inputs)
+            student_outputs, teacher_outputs, alignment_terms = self._aligned_forward(model, inputs)
         else:
-            student_logits = model(**inputs).logits
-            teacher_logits = cached_teacher_logits
-            if teacher_logits is None:
-                teacher_logits = self._online_teacher_outputs(inputs).logits
+            keep = {} if self._keep_all_logits else head.forward_kwargs(units, self._student_keeps_logits)
+            student_outputs = model(**inputs, **keep)
+            teacher_outputs = None if cached else self._online_teacher_outputs(inputs, units)
             alignment_terms = {}
-
-        if self.distillation_loss == "kl":
-            loss_kd = kl_divergence_loss(
-                student_logits, teacher_logits, args.temperature, args.student_temperature, sample_weight
-            )
+        student_views = head.kd_logits(student_outputs, units, inputs)
+        if cached:
+            teacher_views = head.cached_targets(cached, units, inputs)
         else:
-            loss_kd = logit_mse_loss(student_logits, teacher_logits, sample_weight)
-        kd_weight, ce_weight = self._micro_batch_loss_weights(sample_weight, labels, student_logits)
-        kd_share, ce_share = self._shares_of_the_step(mode, kd_weight, ce_weight)
-        self._record_term(mode, "loss_kd", loss_kd.detach() * kd_weight, kd_weight)
-        logits_loss = args.alpha * loss_kd * kd_share
-        if labels is not None:
-            loss_ce = label_loss(student_logits, labels, sample_weight)
-            self._record_term(mode, "loss_ce", loss_ce.detach() * ce_weight, ce_weight)
-            logits_loss = logits_loss + (1.0 - args.alpha) * loss_ce * ce_share
+            teacher_views = head.kd_logits(teacher_outputs, units, inputs)
+
+        row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
+        if sample_weight is not None:
+            row_weight = sample_weight.float()[units.example_index]
+        loss_kd_rows = torch.stack(
+            [self._divergence_rows(student, teacher) for student, teacher in zip(student_views, teacher_views)]
+        ).mean(0)
+        loss_ce_rows, labelled_rows = self._label_rows(student_outputs, units, inputs)
+        kd_weight, ce_weight = row_weight.sum(), (row_weight * labelled_rows).sum()
+        kd_total, ce_total, examples_share = self._step_normalisers(mode, kd_weight, ce_weight, units)
+        kd_sum = (row_weight * loss_kd_rows).sum()
+        ce_sum = (row_weight * labelled_rows * loss_ce_rows).sum()
+        self._record_term(mode, "loss_kd", kd_sum.detach(), kd_weight)
+        self._record_term(mode, "loss_ce", ce_sum.detach(), ce_weight)
+        logits_loss = args.alpha * kd_sum / kd_total + (1.0 - args.alpha) * ce_sum / ce_total
         loss = args.logits_loss_weight * logits_loss
         for name, (weight, value) in alignment_terms.items():
             self._record_term(mode, name, value.detach(), 1)
-            loss = loss + weight * value
-        if mode == "eval" and self.distillation_loss == "kl":
-            agreement = (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum()
-            self._record_term(mode, "teacher_agreement", agreement, student_logits.shape[0])
-        return (loss, {"logits": student_logits}) if return_outputs else loss
+            loss = loss + weight * value * examples_share
+        if mode == "eval" and self.distillation_loss != "mse":
+            self._record_agreement(student_views, teacher_views, row_weight)
+        return (loss, head.predictions(student_outputs)) if return_outputs else loss
+
+    def _divergence_rows(self, student_logits: torch.Tensor, target) -> torch.Tensor:
+        """The distillation loss of every row `(rows,)` against a dense `(rows, classes)` or top-k target."""
+        args = self.args
+        if isinstance(target, TopKTarget):
+            def rows(logits, ids, log_probs, rest):
+                return sparse_divergence_per_row(logits, ids, log_probs, rest, self.distillation_loss,
+                                                 args.topk_tail, args.temperature, args.student_temperature,
+                                                 args.jsd_beta)
+
+            return chunked_per_row(rows, student_logits, target.ids, target.log_probs, target.rest_probs,
+                                   chunk_size=LOSS_CHUNK_ROWS)
+        if self.distillation_loss == "mse":
+            return mse_per_row(student_logits, target)
+
+        def rows(logits, teacher_logits):
+            return divergence_per_row(logits, teacher_logits, self.distillation_loss, args.temperature,
+                                      args.student_temperature, args.jsd_beta)
+
+        return chunked_per_row(rows, student_logits, target, chunk_size=LOSS_CHUNK_ROWS)
+
+    def _label_rows(self, student_outputs, units: Units, inputs: dict):
+        """`(loss per row, labelled per row)` of the label term over the `kd` rows, averaged over the views."""
+        labelled_rows = units.labelled[units.kd].float()
+        if units.label_targets is None or not bool(labelled_rows.any()):
+            return torch.zeros_like(labelled_rows), labelled_rows
+        losses = []
+        for logits, targets in self.head.label_views(student_outputs, units, inputs):
+            def rows(view_logits, view_targets):
+                return label_loss_per_row(view_logits, view_targets)
+
+            losses.append(chunked_per_row(rows, logits, targets, chunk_size=LOSS_CHUNK_ROWS))
+        return torch.stack(losses).mean(0), labelled_rows
+
+    def _record_agreement(self, student_views, teacher_views, row_weight) -> None:
+        agreement = []
+        for student, teacher in zip(student_views, teacher_views):
+            teacher_top = teacher.ids[:, 0] if isinstance(teacher, TopKTarget) else teacher.argmax(-1)
+            agreement.append((student.argmax(-1) == teacher_top).float())
+        agreed = (torch.stack(agreement).mean(0) * row_weight).sum()
+        self._record_term("eval", "teacher_agreement", agreed, row_weight.sum())
+
+    def _step_normalisers(self, mode: str, kd_weight, ce_weight, units: Units):
+        """Divisors of this micro-batch's sums, and its examples' share of the step for per-batch-mean terms.
+
+        In training the step's loss is `sum(w * loss) / sum(w)` over every counted position of every micro-batch
+        and process (`get_batch_samples` adds them up). DDP averages gradients over processes, so each process
+        divides by the total over `num_processes`. In evaluation each micro-batch is its own mean.
+        """
+        tiny = torch.finfo(torch.float32).tiny
+        if mode != "train" or self._step_totals is None:
+            return kd_weight.clamp_min(tiny), ce_weight.clamp_min(tiny), 1.0
+        processes = self.accelerator.num_processes
+        kd_total, ce_total, examples_total = self._step_totals / processes
+        examples_share = units.kd.shape[0] / examples_total.clamp_min(tiny)
+        return kd_total.clamp_min(tiny), ce_total.clamp_min(tiny), examples_share
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        # The loss weights of the whole optimizer step (all its micro-batches, all processes): see _shares_of_the_step.
-        self._step_loss_weights = None
+        if self.head is None:
+            return batch_samples, num_items_in_batch
+        # The counts of the whole optimizer step (all its micro-batches, all processes): see _step_normalisers.
+        self._step_totals = None
         if batch_samples:
-            weights = [
-                torch.stack(self._micro_batch_loss_weights(
-                    batch.get(self.args.sample_weight_column),
-                    batch.get(self.label_names[0]) if len(self.label_names) == 1 else None,
-                    batch[self.args.teacher_logits_column] if self.args.teacher_logits_column in batch
-                    else next(iter(batch.values())),
-                ))
-                for batch in batch_samples
-            ]
-            self._step_loss_weights = self.accelerator.reduce(torch.stack(weights).sum(0).to(device), reduction="sum")
+            counts = [self._batch_counts(batch) for batch in batch_samples]
+            self._step_totals = self.accelerator.reduce(torch.stack(counts).sum(0).to(device), reduction="sum")
         return batch_samples, num_items_in_batch
 
-    def _micro_batch_loss_weights(self, sample_weight, labels, reference: torch.Tensor):
-        """Total weight of the distillation term and of the label term in one micro-batch of `len(reference)`."""
-        weight = torch.ones(reference.shape[0], device=reference.device)
+    def _batch_counts(self, batch: dict) -> torch.Tensor:
+        """`(kd weight, label weight, examples)` of one micro-batch, from its masks only."""
+        labels = {name: batch[name] for name in self.label_names if name in batch}
+        inputs = {name: value for name, value in batch.items() if name not in labels}
+        units = self.head.units(inputs, labels)
+        row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
+        sample_weight = batch.get(self.args.sample_weight_column)
         if sample_weight is not None:
-            weight = sample_weight.float()
-        if labels is None:
-            return weight.sum(), torch.zeros((), device=weight.device)
-        labelled = labelled_mask(labels, self._num_labels).to(weight.dtype)
-        return weight.sum(), (weight * labelled).sum()
-
-    def _shares_of_the_step(self, mode: str, kd_weight, ce_weight):
-        """Factors turning this micro-batch's weighted means into its shares of the optimizer step's weighted means.
-
-        The step's loss is `sum(w * loss) / sum(w)` over every example of every micro-batch and process. Trainer
-        divides each micro-batch loss by the accumulation steps and DDP averages gradients over processes, so a
-        micro-batch of weight `w_m` must contribute `mean_m * w_m / W * steps * processes`. Without this, a
-        micro-batch with fewer labelled examples (transfer data, label -1) or lighter sample weights would count as
-        much as any other, and 2 processes x 4 would not train like 1 process x 8.
-        """
-        if mode != "train" or self._step_loss_weights is None:
-            return 1.0, 1.0
-        tiny = torch.finfo(torch.float32).tiny
-        scale = self.current_gradient_accumulation_steps * self.accelerator.num_processes
-        kd_total, ce_total = self._step_loss_weights
-        return kd_weight / kd_total.clamp_min(tiny) * scale, ce_weight / ce_total.clamp_min(tiny) * scale
+            row_weight = sample_weight.float().to(units.kd.device)[units.example_index]
+        labelled = units.labelled[units.kd].float()
+        return torch.stack([row_weight.sum(), (row_weight * labelled).sum(),
+                            torch.tensor(float(units.kd.shape[0]), device=row_weight.device)])
 
     def _aligned_forward(self, model, inputs: dict):
         """Run student and teacher with the intermediate outputs the losses need.
 
         Returns:
-            `(student_logits, teacher_logits, {term name: (weight, loss)})`, each loss averaged over the paired layers.
+            `(student_outputs, teacher_outputs, {term name: (weight, loss)})`, each loss averaged over the paired
+            layers.
         """
         args = self.args
         want_hidden = max(args.hidden_loss_weight, args.embedding_loss_weight, args.hidden_cosine_loss_weight) > 0
@@ -431,30 +582,31 @@ class DistillationTrainer(Trainer):
                 student_values, teacher_values)),
         }
         terms = {name: (weight, compute()) for name, (weight, compute) in weighted.items() if weight > 0}
-        return student_outputs.logits, teacher_outputs.logits, terms
+        return student_outputs, teacher_outputs, terms
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluate through `compute_loss`, so `eval_loss` is the distillation loss with or without labels."""
+        if self.head is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         labels = [inputs.get(name) for name in self.label_names]
         labels = None if not labels or any(label is None for label in labels) else labels
         if labels is not None:
             labels = labels[0].detach() if len(labels) == 1 else tuple(label.detach() for label in labels)
-        has_teacher_signal = self.args.teacher_logits_column in inputs or self.teacher_model is not None
-        with torch.no_grad():
-            if has_teacher_signal:
-                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-                loss = loss.detach()
-            else:
-                student_inputs = {
-                    key: value
-                    for key, value in inputs.items()
-                    if key not in (*self.label_names, self.args.sample_weight_column)
-                }
-                loss, outputs = None, model(**student_inputs)
+        # compute_metrics needs every position's logits; the loss alone needs the counted ones only.
+        self._keep_all_logits = not prediction_loss_only
+        try:
+            with torch.no_grad():
+                loss, predictions = self.compute_loss(model, inputs, return_outputs=True)
+        finally:
+            self._keep_all_logits = False
         if prediction_loss_only:
-            return loss, None, None
-        return loss, outputs["logits"].detach(), labels
+            return loss.detach(), None, None
+        if isinstance(predictions, tuple):
+            predictions = tuple(prediction.detach() for prediction in predictions)
+        else:
+            predictions = predictions.detach()
+        return loss.detach(), predictions, labels
 
     # ---- logging ----
 
