@@ -242,7 +242,8 @@ def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: floa
         return values
     log_probs = torch.log_softmax(values["logits"].float() / temperature, dim=-1)
     topk_log_probs, topk_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-    rest = (1.0 - topk_log_probs.exp().sum(-1)).clamp_min(0.0)
+    # Summed outside the top k rather than 1 - sum(top k): exact, and exactly 0 when k covers the vocabulary.
+    rest = torch.logsumexp(log_probs.scatter(-1, topk_ids, -torch.inf), dim=-1).exp()
     return {"ids": topk_ids.int(), "log_probs": topk_log_probs, "rest": rest}
 
 
@@ -401,7 +402,8 @@ def cache_teacher_logits(
     state = PartialState()
     if device is None:
         device = next(teacher.parameters()).device
-    num_classes = head.num_classes or _num_classes(teacher, head)
+    num_classes = distribution_width(teacher.config, head)
+    top_k = min(top_k, num_classes)
     path = default_cache_path(dataset, column, cache_dir)
     record = _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
     build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
@@ -435,9 +437,11 @@ def cache_teacher_logits(
     return combined
 
 
-def _num_classes(teacher, head: DistillationHead) -> int:
-    """Width of the teacher's distributions: `num_labels`, 2 for QA (start, end), or the vocabulary size."""
-    config = teacher.config
+def distribution_width(config, head: DistillationHead) -> int:
+    """Classes of a model's distributions under `head`: its `num_classes` when set, `num_labels`, 2 for QA
+    (start, end), or the vocabulary size."""
+    if head.num_classes is not None:
+        return head.num_classes
     if head.cache_layout == TOPK:
         return config.get_text_config().vocab_size
     if head.name == "question_answering":

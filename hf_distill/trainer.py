@@ -23,7 +23,7 @@ from .alignment import (
     value_relation_loss,
 )
 from .arguments import DistillationTrainingArguments
-from .cache import cache_teacher_logits, check_teacher_columns, teacher_columns
+from .cache import cache_teacher_logits, check_teacher_columns, distribution_width, teacher_columns
 from .collator import TeacherColumnsCollator
 from .heads import DENSE, TOPK, DistillationHead, TopKTarget, Units, head_for
 from .hooks import capture_outputs, value_projections
@@ -180,10 +180,12 @@ class DistillationTrainer(Trainer):
             # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
             # nothing.
             self.head = head_for(model, args.distillation_head)
-            self._model_config = _config(model)
             if teacher_model is not None:
                 self.head.num_classes = check_compatible(model, teacher_model, self.head, processing_class)
                 teacher_model = freeze_teacher(teacher_model)
+            #: Classes per distribution; the top-k width is at most this.
+            self._num_classes = distribution_width(_config(model), self.head)
+            self._top_k = min(args.teacher_cache_top_k, self._num_classes)
             self.teacher_model = teacher_model
             self.distillation_loss = self._resolve_distillation_loss(model, args)
             if args.uses_alignment:
@@ -220,9 +222,8 @@ class DistillationTrainer(Trainer):
         self._teacher_keeps_logits = self.teacher_model is not None and _accepts(self.teacher_model, "logits_to_keep")
         self._teacher_column_names = teacher_columns(self.head.cache_layout, args.teacher_logits_column)
         if self.head.cache_layout != DENSE:
-            widths = {name: None if key == "rest" else (args.teacher_cache_top_k if self.head.cache_layout == TOPK
-                                                        else self._num_classes) for key, name in
-                      self._teacher_column_names.items()}
+            row_width = self._top_k if self.head.cache_layout == TOPK else self._num_classes
+            widths = {name: None if key == "rest" else row_width for key, name in self._teacher_column_names.items()}
             self.data_collator = TeacherColumnsCollator(
                 self.data_collator, widths, self.head.length_column,
                 getattr(processing_class, "padding_side", "right") or "right",
@@ -249,15 +250,6 @@ class DistillationTrainer(Trainer):
     @property
     def _student_config(self):
         return self.student.config
-
-    @property
-    def _num_classes(self) -> int:
-        """Width of a per-token cache row: the head's compared classes, 2 for QA, else the student's labels."""
-        if self.head.num_classes is not None:
-            return self.head.num_classes
-        if self.head.name == "question_answering":
-            return 2
-        return self._student_config.num_labels
 
     def _resolve_distillation_loss(self, model: nn.Module, args: DistillationTrainingArguments) -> str:
         regression = self.head.cache_layout != TOPK and getattr(_config(model), "num_labels", None) == 1
@@ -326,8 +318,8 @@ class DistillationTrainer(Trainer):
         if len(dataset) == 0:
             raise ValueError(f"The {name} dataset is empty: give it at least one example.")
         if self._has_teacher_columns(dataset, args):
-            check_teacher_columns(dataset, self.head, args.teacher_logits_column, self._dataset_num_classes(),
-                                  args.teacher_cache_top_k if self.head.cache_layout == TOPK else None)
+            check_teacher_columns(dataset, self.head, args.teacher_logits_column, self._num_classes,
+                                  self._top_k if self.head.cache_layout == TOPK else None)
             return dataset
         if self.teacher_model is None:
             raise ValueError(
@@ -354,14 +346,6 @@ class DistillationTrainer(Trainer):
             top_k=args.teacher_cache_top_k,
             temperature=args.temperature,
         )
-
-    def _dataset_num_classes(self) -> int:
-        """Classes of a cached column before `Trainer.__init__` (the student's config is read directly)."""
-        if self.head.num_classes is not None:
-            return self.head.num_classes
-        if self.head.name == "question_answering":
-            return 2
-        return None if self._model_config is None else self._model_config.num_labels
 
     def _set_signature_columns_if_needed(self):
         if self.head is None:
@@ -634,12 +618,15 @@ class DistillationTrainer(Trainer):
         }
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
+        if self.head is not None and "loss" in logs:
             logs.update(self._pop_term_averages("train"))
         super().log(logs, start_time)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
+        if self.head is None:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
         self._term_sums["eval"].clear()
         self._term_counts["eval"].clear()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)

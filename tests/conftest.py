@@ -83,3 +83,42 @@ def tiny_tokenizer(folder, words=None):
 @pytest.fixture
 def tokenizer(tmp_path):
     return tiny_tokenizer(str(tmp_path))
+
+
+LM_VOCAB_SIZE = 48
+
+
+def tiny_llama(num_layers=2, seed=0, vocab_size=LM_VOCAB_SIZE, logit_scale=1.0):
+    """A random `LlamaForCausalLM` (hidden 16); `logit_scale` sharpens its next-token distributions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+def toy_lm_dataset(num_examples=16, min_length=4, max_length=12, seed=0, vocab_size=LM_VOCAB_SIZE, prompt_length=0):
+    """Token sequences with `labels` = `input_ids`, the first `prompt_length` labels -100 (a prompt)."""
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(3, vocab_size, size=int(n)).tolist() for n in rng.integers(min_length, max_length + 1,
+                                                                                    size=num_examples)]
+    labels = [[-100] * min(prompt_length, len(row)) + row[prompt_length:] for row in ids]
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids], "labels": labels})
+
+
+class PadCollator:
+    """Right-pads `input_ids` (0), `attention_mask` (0) and `labels` (-100) to the longest row."""
+
+    def __call__(self, features):
+        width = max(len(feature["input_ids"]) for feature in features)
+        return {
+            name: torch.tensor([feature[name] + [pad] * (width - len(feature[name])) for feature in features])
+            for name, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
+        }
