@@ -122,7 +122,9 @@ def _check_logit_values(values: np.ndarray, column: str, num_labels: int) -> Non
 
 
 @torch.inference_mode()
-def _run_teacher(teacher: PreTrainedModel, dataset: Dataset, batch_size: int, device, show_progress: bool) -> np.ndarray:
+def _run_teacher(
+    teacher: PreTrainedModel, dataset: Dataset, batch_size: int, device, show_progress: bool
+) -> np.ndarray:
     """Teacher logits `(num_examples, num_labels)` in dataset order, from length-sorted batches."""
     lengths = _input_lengths(dataset)
     order = np.argsort(-lengths, kind="stable")

@@ -179,7 +179,7 @@ class DistillationTrainer(Trainer):
     # ---- set-up ----
 
     def _setup_alignment(self, student: nn.Module, args: DistillationTrainingArguments) -> nn.Module:
-        """Validate the alignment settings against both models; return the student, wrapped when it needs projections."""
+        """Validate the alignment settings against both models; return the student, wrapped if it needs projections."""
         if self.teacher_model is None:
             raise ValueError(
                 "Intermediate-layer losses (hidden/embedding/attention/relation weights > 0) compare the student with "
@@ -533,9 +533,9 @@ class DistillationTrainer(Trainer):
         path = os.path.join(checkpoint_dir, PROJECTIONS_FILE)
         if not os.path.isfile(path):
             raise ValueError(
-                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a DistillationTrainer "
-                "with the same width projections, so resuming would restart them from scratch. Resume from a "
-                "checkpoint of this run, or start a new run."
+                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a "
+                "DistillationTrainer with the same width projections, so resuming would restart them from scratch. "
+                "Resume from a checkpoint of this run, or start a new run."
             )
         wrapper.projections.load_state_dict(load_file(path, device=str(next(wrapper.parameters()).device)))
 
