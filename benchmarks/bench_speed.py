@@ -74,8 +74,8 @@ from hf_distill import (
     cache_teacher_logits,
 )
 from hf_distill.alignment import resolve_layer_map
-from hf_distill.heads import DistillationHead
 from hf_distill.glue import get_task, load_glue_data, tokenize_glue
+from hf_distill.heads import DistillationHead
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT / "recipes" / "data" / "sst2"

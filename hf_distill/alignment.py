@@ -293,7 +293,8 @@ def attention_relation_loss(
     """MiniLM self-attention distribution transfer: KL(teacher ∥ student) per query row over real keys.
 
     Each row is renormalised over real keys (which undoes attention dropout's rescaling), and the KL is averaged
-    over heads and real query positions, then over examples. When the head counts differ both attentions are averaged over heads first.
+    over heads and real query positions, then over examples. When the head counts differ both attentions are
+    averaged over heads first.
     MiniLM applies it to the last layer.
 
     Args:

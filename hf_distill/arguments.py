@@ -35,9 +35,8 @@ class DistillationTrainingArguments(TrainingArguments):
         student_temperature (`float` or `None`, defaults to `None`):
             Temperature T_s applied to the student's logits; `None` uses `temperature`.
         alpha (`float`, defaults to `0.9`):
-            Weight of the distillation term in [0, 1]; the label loss gets `1 - alpha`. 0.9 beat 0.5 on SST-2 at
-            T = 1, 2 and 4, with and without transfer data (`benchmarks/README.md`); at 0.5, KD on the teacher's
-            own training data scored below the label-only baseline.
+            Weight of the distillation term in [0, 1]; the label loss gets `1 - alpha`. Why 0.9: see
+            `benchmarks/README.md`.
         distillation_loss (`str`, defaults to `"auto"`):
             `"kl"`: forward KL(teacher || student) on softened distributions, times `T * T_s` (T² when equal);
             `"reverse_kl"`: KL(student || teacher); `"jsd"`: generalized Jensen-Shannon with `jsd_beta` (TRL's

@@ -393,7 +393,9 @@ def cache_teacher_logits(
     names = teacher_columns(head.cache_layout, column)
     present = [name for name in names.values() if name in dataset.column_names]
     if present:
-        raise ValueError(f"The dataset already has the column(s) {present}; remove them or choose another column name.")
+        raise ValueError(
+            f"The dataset already has the column(s) {present}; remove them or choose another column name."
+        )
     if dtype not in _NUMPY_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(_NUMPY_DTYPES)}.")
     if top_k < 1:
@@ -431,7 +433,9 @@ def cache_teacher_logits(
             )
     outputs = Dataset.from_file(os.path.join(path, DATA_FILE))
     if len(outputs) != len(dataset):
-        raise ValueError(f"The teacher cache at {path} holds {len(outputs)} rows for {len(dataset)} examples: delete it.")
+        raise ValueError(
+            f"The teacher cache at {path} holds {len(outputs)} rows for {len(dataset)} examples: delete that folder."
+        )
     combined = concatenate_datasets([dataset, outputs], axis=1)
     check_teacher_columns(combined, head, column, num_classes, top_k if head.cache_layout == TOPK else None)
     return combined

@@ -265,7 +265,7 @@ class DistillationTrainer(Trainer):
     # ---- set-up ----
 
     def _setup_alignment(self, student: nn.Module, args: DistillationTrainingArguments) -> nn.Module:
-        """Validate the alignment settings against both models; return the student, wrapped when it needs projections."""
+        """Validate the alignment settings against both models; the student, wrapped when it needs projections."""
         student_config, teacher_config = student.config, self.teacher_model.config
         self.layer_map = resolve_layer_map(
             args.layer_map, student_config.num_hidden_layers, teacher_config.num_hidden_layers
@@ -672,9 +672,9 @@ class DistillationTrainer(Trainer):
         path = os.path.join(checkpoint_dir, PROJECTIONS_FILE)
         if not os.path.isfile(path):
             raise ValueError(
-                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a DistillationTrainer "
-                "with the same width projections, so resuming would restart them from scratch. Resume from a "
-                "checkpoint of this run, or start a new run."
+                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a "
+                "DistillationTrainer with the same width projections, so resuming would restart them from scratch. "
+                "Resume from a checkpoint of this run, or start a new run."
             )
         wrapper.projections.load_state_dict(load_file(path, device=str(next(wrapper.parameters()).device)))
 

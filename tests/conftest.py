@@ -1,6 +1,10 @@
-"""Shared helpers: tiny random BERT teachers and students, and tokenized toy datasets. No network, no ../shared."""
+"""Shared helpers: tiny random BERT teachers and students, tokenized toy datasets, training arguments, reference
+losses, and the GLUE recipe with its fixtures. No network, no ../shared."""
 
+import collections
 import os
+import re
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -10,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from scipy.special import log_softmax, rel_entr
 from transformers import BertConfig, BertForSequenceClassification
+
+from hf_distill import DistillationTrainingArguments
 
 # One intra-op thread: tiny matrices gain nothing from more, and on a busy machine two threads ran them ~50x slower.
 torch.set_num_threads(1)
@@ -83,6 +90,105 @@ def tiny_tokenizer(folder, words=None):
 @pytest.fixture
 def tokenizer(tmp_path):
     return tiny_tokenizer(str(tmp_path))
+
+
+def make_args(tmp_path, **overrides):
+    """`DistillationTrainingArguments` for a short CPU run under `tmp_path`; `overrides` replace any field."""
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=64,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        teacher_cache_dir=str(tmp_path / "cache"),
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return DistillationTrainingArguments(**defaults)
+
+
+def peaked_teacher(seed=1):
+    """A random teacher whose predictions are confident and varied, so there is something to learn."""
+    teacher = tiny_bert(hidden_size=48, num_layers=4, seed=seed)
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(50.0)
+    return teacher
+
+
+def logits_of(model, dataset):
+    """The model's logits `(num_examples, num_labels)`, one unpadded example at a time."""
+    model.eval()
+    with torch.no_grad():
+        return np.concatenate(
+            [model(input_ids=torch.tensor([row["input_ids"]])).logits.numpy() for row in dataset]
+        )
+
+
+def reference_kd(student_logits, teacher_logits, temperature):
+    """T²-scaled KL(teacher_T ‖ student_T) averaged over examples, in numpy/scipy."""
+    p = np.exp(log_softmax(teacher_logits / temperature, axis=-1))
+    q = np.exp(log_softmax(student_logits / temperature, axis=-1))
+    return float(np.mean([rel_entr(a, b).sum() for a, b in zip(p, q)]) * temperature**2)
+
+
+def reference_ce(student_logits, labels):
+    """Cross-entropy of integer `labels` averaged over examples, in numpy/scipy."""
+    return float(-log_softmax(student_logits, axis=-1)[np.arange(len(labels)), labels].mean())
+
+
+# ---- the GLUE recipe on the fixtures ----
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(REPO, "tests", "fixtures", "glue")
+"""Small GLUE-format files, one folder per task, for the recipe's tests."""
+sys.path.insert(0, os.path.join(REPO, "recipes"))
+import glue as recipe  # noqa: F401 (for the recipe's tests) - recipes/glue.py: recipes are scripts, not in the package
+
+
+def fixture_words(count=94):
+    """The `count` most common words of the fixtures' train files, for a tokenizer that covers them."""
+    counter = collections.Counter()
+    for task in ("sst2", "mrpc", "stsb"):
+        with open(os.path.join(FIXTURES, task, "train.tsv"), encoding="utf-8") as file:
+            counter.update(re.findall(r"[a-z]+", file.read().lower()))
+    return [word for word, _ in counter.most_common(count)]
+
+
+def save_teacher(folder, num_labels, **config_kwargs):
+    """A tiny random teacher with a head for `num_labels` and a tokenizer over the fixtures' common words."""
+    tiny_tokenizer(folder, fixture_words())
+    teacher = tiny_bert(hidden_size=32, num_layers=4, num_labels=num_labels, seed=1, **config_kwargs)
+    teacher.save_pretrained(folder)
+    return folder
+
+
+def recipe_args(task, teacher, output_dir, *extra):
+    """Command-line arguments of a fast recipe run on the fixtures of `task`; `extra` are appended."""
+    return [
+        "--task_name", task,
+        "--train_file", os.path.join(FIXTURES, task, "train.tsv"),
+        "--validation_file", os.path.join(FIXTURES, task, "validation.tsv"),
+        "--teacher_model_name_or_path", teacher,
+        "--student_num_layers", "2",
+        "--output_dir", output_dir,
+        "--max_seq_length", "32",
+        "--per_device_train_batch_size", "16",
+        "--num_train_epochs", "1",
+        "--teacher_num_train_epochs", "1",
+        "--learning_rate", "1e-3",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        "--latency_batch_size", "16",
+        "--teacher_cache_dir", os.path.join(output_dir + "_cache"),
+        *extra,
+    ]
 
 
 LM_VOCAB_SIZE = 48

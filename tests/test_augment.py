@@ -3,8 +3,8 @@
 import os
 
 import pytest
+from conftest import FIXTURES, recipe
 from datasets import ClassLabel, Dataset, Features, Value
-from test_recipe import FIXTURES, recipe
 
 from hf_distill import augment_dataset
 

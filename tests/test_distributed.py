@@ -9,29 +9,51 @@ interpreter start-up. The 1-process references run the same scenario functions h
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import distributed_worker as worker
 import pytest
 import torch
+from conftest import FIXTURES, recipe_args, save_teacher
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
+import hf_distill
+
 NUM_PROCESSES = 2
-LAUNCH_TIMEOUT_S = 300
+# A guard against hung ranks, not a time limit: the launch takes ~35-50 s on 2 cores, and load from other jobs
+# stretches it (its last scenario, the recipe, is the one a tight guard cuts off, failing that test alone).
+LAUNCH_TIMEOUT_S = 1200
 WORKER = os.path.abspath(worker.__file__)
+HF_DISTILL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hf_distill.__file__)))
 
 
 # The recipe runs last: it is the most expensive, and its output is checked on disk.
 SCENARIOS = ["cached", "online", "partially_labelled", "hidden_projection", "glue_recipe"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def run_launch(out_dir, env) -> "Launch":
+    """One `accelerate launch` of every scenario; a hung launch is killed after the hang guard."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
+        # Port 0: the launcher binds a free port itself. A port found free beforehand can be taken by another job
+        # (another test run) before the launcher binds it.
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        WORKER, out_dir, *SCENARIOS,
+    ]
+    # A session of its own, so a hung rank is killed with the launcher on timeout.
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        log += f"\n[test_distributed] killed after {LAUNCH_TIMEOUT_S} s: a rank hung (a collective on one rank only?)"
+    return Launch(out_dir, process.returncode, log)
 
 
 class Launch:
@@ -69,33 +91,19 @@ def ddp(tmp_path_factory):
     prepare_glue_recipe(os.path.join(out_dir, "glue_recipe"))
     env = {
         **os.environ,
+        # The ranks run the script, so the current folder is not on their path: without this they would import
+        # whichever hf_distill is installed (another checkout's, for an editable install) instead of this one.
+        "PYTHONPATH": os.pathsep.join(filter(None, [HF_DISTILL_ROOT, os.environ.get("PYTHONPATH")])),
         "ACCELERATE_USE_CPU": "true",
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        WORKER, out_dir, *SCENARIOS,
-    ]
-    # A session of its own, so a hung rank is killed with the launcher on timeout.
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        log, _ = process.communicate(timeout=LAUNCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        log, _ = process.communicate()
-        log += f"\n[test_distributed] killed after {LAUNCH_TIMEOUT_S} s: a rank hung (a collective on one rank only?)"
-    launch = Launch(out_dir, process.returncode, log)
-
+    launch = run_launch(out_dir, env)
     started = [os.path.join(out_dir, f"started.rank{rank}.pt") for rank in range(NUM_PROCESSES)]
     if not all(os.path.exists(path) for path in started):
-        pytest.skip(f"accelerate could not start {NUM_PROCESSES} CPU processes here:\n{log[-3000:]}")
+        pytest.skip(f"accelerate could not start {NUM_PROCESSES} CPU processes here:\n{launch.log[-3000:]}")
     for path in started:
         state = torch.load(path, weights_only=True)
         # Two processes that each train alone (world size 1) would pass every comparison below trivially.
@@ -181,7 +189,7 @@ def test_cached_logits_two_processes_match_one_process_with_double_batch(ddp, re
 def test_teacher_cache_is_built_once_by_the_main_process(ddp, reference):
     (main, other), one_process = ddp.results("cached"), reference("cached")
     built = [call["batch_size"] for call in main["teacher_calls_building_cache"]]
-    assert sum(built) == worker.NUM_TRAIN_EXAMPLES, "the main process did not run the teacher over the whole dataset once"
+    assert sum(built) == worker.NUM_TRAIN_EXAMPLES, "the main process did not run the teacher over the dataset once"
     assert built == [call["batch_size"] for call in one_process["teacher_calls_building_cache"]]
     assert other["teacher_calls_building_cache"] == [], "the other process ran the teacher instead of loading the cache"
     assert main["teacher_calls_training"] == other["teacher_calls_training"] == []
@@ -264,8 +272,6 @@ GLUE_EVAL_EXAMPLES = 16
 
 def prepare_glue_recipe(workdir):
     """A tiny teacher with an SST-2 head, and the recipe's arguments in `workdir/glue_args.txt`."""
-    from test_recipe import recipe_args, save_teacher
-
     os.makedirs(workdir)
     teacher = save_teacher(os.path.join(workdir, "teacher"), num_labels=2)
     argv = recipe_args(
@@ -300,7 +306,6 @@ def test_glue_recipe_under_two_processes(ddp):
 
 
 def glue_accuracy(model, tokenizer_dir) -> float:
-    from test_recipe import FIXTURES
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from hf_distill.glue import load_glue_data, tokenize_glue
@@ -310,7 +315,8 @@ def glue_accuracy(model, tokenizer_dir) -> float:
     raw["validation"] = raw["validation"].select(range(GLUE_EVAL_EXAMPLES))
     validation = tokenize_glue(raw, tokenizer, "sst2", 32)["validation"]
     batch = DataCollatorWithPadding(tokenizer)(
-        [{key: row[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in row} for row in validation]
+        [{key: row[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in row}
+         for row in validation]
     )
     model.eval()
     with torch.no_grad():

@@ -92,7 +92,8 @@ def test_compute_loss_func_is_used(tmp_path):
         calls.append(num_items_in_batch)
         return nn.functional.cross_entropy(outputs.logits, labels) * 2.0
 
-    trainer = DistillationTrainer(model=tiny_bert(), args=plain_args(tmp_path, "out", num_train_epochs=1, eval_strategy="no"),
+    args = plain_args(tmp_path, "out", num_train_epochs=1, eval_strategy="no")
+    trainer = DistillationTrainer(model=tiny_bert(), args=args,
                                   train_dataset=toy_dataset(8), data_collator=_pad, compute_loss_func=loss_func)
     trainer.train()
     assert len(calls) == 2

@@ -62,7 +62,8 @@ def test_kl_large_logits_stay_finite(temperature):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kl_low_precision_inputs_computed_in_fp32(dtype):
     rng = np.random.default_rng(4)
-    student, teacher = torch.tensor(rng.normal(0, 5, (8, 6))).to(dtype), torch.tensor(rng.normal(0, 5, (8, 6))).to(dtype)
+    student = torch.tensor(rng.normal(0, 5, (8, 6))).to(dtype)
+    teacher = torch.tensor(rng.normal(0, 5, (8, 6))).to(dtype)
     loss = kl_divergence_loss(student, teacher, 2.0)
     assert loss.dtype == torch.float32
     expected = reference_kl(student.double().numpy(), teacher.double().numpy(), 2.0, 2.0)

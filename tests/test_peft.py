@@ -6,10 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, toy_dataset
+from conftest import logits_of, make_args, peaked_teacher, reference_kd, tiny_bert, toy_dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from test_trainer import logits_of, make_args, peaked_teacher, reference_kd
 from transformers import BertForSequenceClassification
 
 from hf_distill import DistillationTrainer

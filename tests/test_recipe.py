@@ -1,67 +1,23 @@
 """`recipes/glue.py` end to end on tiny random models and the GLUE fixtures shipped in tests/fixtures."""
 
-import collections
 import json
 import os
-import re
-import sys
 
 import pytest
-from conftest import tiny_bert, tiny_tokenizer
+from conftest import FIXTURES, fixture_words, recipe, recipe_args, save_teacher, tiny_bert, tiny_tokenizer
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(REPO, "tests", "fixtures", "glue")
-sys.path.insert(0, os.path.join(REPO, "recipes"))
-import glue as recipe
 
-
-def fixture_words(count=94):
-    counter = collections.Counter()
-    for task in ("sst2", "mrpc", "stsb"):
-        with open(os.path.join(FIXTURES, task, "train.tsv"), encoding="utf-8") as file:
-            counter.update(re.findall(r"[a-z]+", file.read().lower()))
-    return [word for word, _ in counter.most_common(count)]
-
-
-def save_teacher(folder, num_labels, **config_kwargs):
-    """A tiny random teacher with a head for `num_labels` and a tokenizer over the fixtures' common words."""
-    tiny_tokenizer(folder, fixture_words())
-    teacher = tiny_bert(hidden_size=32, num_layers=4, num_labels=num_labels, seed=1, **config_kwargs)
-    teacher.save_pretrained(folder)
-    return folder
-
-
-def recipe_args(task, teacher, output_dir, *extra):
-    return [
-        "--task_name", task,
-        "--train_file", os.path.join(FIXTURES, task, "train.tsv"),
-        "--validation_file", os.path.join(FIXTURES, task, "validation.tsv"),
-        "--teacher_model_name_or_path", teacher,
-        "--student_num_layers", "2",
-        "--output_dir", output_dir,
-        "--max_seq_length", "32",
-        "--per_device_train_batch_size", "16",
-        "--num_train_epochs", "1",
-        "--teacher_num_train_epochs", "1",
-        "--learning_rate", "1e-3",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--use_cpu", "true",
-        "--disable_tqdm", "true",
-        "--latency_batch_size", "16",
-        "--teacher_cache_dir", os.path.join(output_dir + "_cache"),
-        *extra,
-    ]
-
-
-@pytest.mark.parametrize("task, num_labels, metric", [("sst2", 2, "accuracy"), ("mrpc", 2, "f1"), ("stsb", 1, "pearson")])
+@pytest.mark.parametrize(
+    "task, num_labels, metric", [("sst2", 2, "accuracy"), ("mrpc", 2, "f1"), ("stsb", 1, "pearson")]
+)
 def test_recipe_end_to_end(tmp_path, task, num_labels, metric, capsys):
     teacher = save_teacher(str(tmp_path / "teacher_in"), num_labels)
     output_dir = str(tmp_path / "run")
     recipe.main(recipe_args(
-        task, teacher, output_dir, "--finetune_teacher", "yes", "--transfer_train_samples", "40", "--max_train_samples", "120",
+        task, teacher, output_dir, "--finetune_teacher", "yes", "--transfer_train_samples", "40",
+        "--max_train_samples", "120",
         "--augment_copies", "1",
     ))
 

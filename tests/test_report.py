@@ -9,8 +9,8 @@ from transformers import DataCollatorWithPadding
 from hf_distill.report import (
     ReportRow,
     build_report,
-    count_parameters,
     compare_throughput,
+    count_parameters,
     measure_latency,
     report_to_markdown,
     size_on_disk,

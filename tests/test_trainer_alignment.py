@@ -6,10 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, toy_dataset
+from conftest import make_args, tiny_bert, toy_dataset
 from safetensors.torch import load_file
 from scipy.special import log_softmax, rel_entr
-from test_trainer import make_args
 from transformers import AutoModelForSequenceClassification, HfArgumentParser, TrainerCallback
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
