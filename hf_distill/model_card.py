@@ -1,6 +1,6 @@
 """
 A model card for a distilled student: Hub metadata (`model-index`, `base_model`, tags, `teacher_model`,
-`distillation`) and a Markdown body, built offline.
+`distillation`) and a Markdown body, built offline, for any task (`pipeline_tag`).
 
 The card is plain text passed to `huggingface_hub.ModelCard`, which parses and checks the metadata without network
 (`ModelCard.validate()` would need the Hub and is not called). Settings whose key names a secret (`hub_token`,
@@ -14,9 +14,23 @@ from collections.abc import Iterable, Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .glue import GlueTask, get_task
-
-BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill", "text-classification")
+BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill")
+# The auto class that loads a student of each pipeline, for the card's usage snippet.
+_AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "text-generation": "AutoModelForCausalLM",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+_EXAMPLE_INPUTS = {
+    "text-classification": 'inputs = tokenizer("a sentence to classify", return_tensors="pt")',
+    "token-classification": 'inputs = tokenizer("A sentence with entities in Paris", return_tensors="pt")',
+    "question-answering": 'inputs = tokenizer("a question", "a context that answers it", return_tensors="pt")',
+    "text-generation": 'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+    "text2text-generation": 'inputs = tokenizer("a text to transform", return_tensors="pt")',
+}
 
 # Names the Hub's model-index uses for our metric names.
 _METRIC_TYPES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
@@ -37,8 +51,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 def build_model_card(
     *,
     student_id_or_path_base: str | None,
-    teacher_model_id: str,
-    task: "GlueTask | str | None",
+    teacher_model_id: str | list[str],
+    task: str | None,
     dataset_id: str,
     dataset_config: str | None,
     model_name: str,
@@ -49,6 +63,9 @@ def build_model_card(
     license: str | None = "apache-2.0",
     extra_tags: Iterable[str] = (),
     dataset_split: str = "validation",
+    pipeline_tag: str = "text-classification",
+    id2label: Mapping[int, str] | None = None,
+    example_inputs: str | None = None,
 ) -> ModelCard:
     """
     Build the model card of a student distilled from a teacher.
@@ -56,8 +73,8 @@ def build_model_card(
     Args:
         student_id_or_path_base: Hub id the student was initialised from (its `base_model`); `None` or a local path
             when there is none (e.g. a student built from a config), and then `base_model` is left out.
-        teacher_model_id: Hub id or name of the teacher (`teacher_model` metadata).
-        task: the GLUE task (or its name); `None` for a non-GLUE dataset.
+        teacher_model_id: Hub id or name of the teacher, or of each teacher (`teacher_model` metadata).
+        task: the task's name (e.g. `"sst2"`, `"conll2003"`), a tag and the default `dataset_config`; or `None`.
         dataset_id: Hub dataset id (`"glue"`, `"nyu-mll/glue"`) or a short description of local data
             (`"local GLUE copy"`), which is shown in the body but kept out of the `datasets` metadata.
         dataset_config: dataset config, e.g. `"sst2"`; defaults to the task name.
@@ -71,27 +88,30 @@ def build_model_card(
         license: licence id for the metadata.
         extra_tags: tags added to the defaults.
         dataset_split: split the results were measured on (`"validation_matched"` for mnli).
+        pipeline_tag: the Hub pipeline of the student (`"text-classification"`, `"text-generation"`, ...).
+        id2label: the student's named labels, listed in the body; `None` when it has none.
+        example_inputs: the usage snippet's line that builds `inputs`; a default per pipeline.
 
     Returns:
         `huggingface_hub.ModelCard`; `card.save(os.path.join(output_dir, "README.md"))` writes it.
     """
-    task = get_task(task) if task is not None else None
-    dataset_config = dataset_config or (task.name if task else None)
+    dataset_config = dataset_config or task
     metrics = _task_metrics(eval_results)
     settings = _yaml_safe(_without_secrets(dict(distillation_settings)))
     base_model = student_id_or_path_base if _is_hub_id(student_id_or_path_base) else None
     hub_dataset = dataset_id if _is_hub_id(dataset_id) else None
-    dataset_type = hub_dataset or ("glue" if task else "local")
-    dataset_name = f"GLUE {task.name.upper()}" if task else dataset_id
+    dataset_type = hub_dataset or "local"
+    dataset_name = " ".join(part for part in (dataset_id, (dataset_config or "").upper()) if part)
+    task_title = pipeline_tag.replace("-", " ").title()
 
-    tags = list(dict.fromkeys([*BASE_TAGS, *([task.name] if task else []), *extra_tags]))
+    tags = list(dict.fromkeys([*BASE_TAGS, pipeline_tag, *([task] if task else []), *extra_tags]))
     card_data = ModelCardData(
         base_model=base_model,
         datasets=[hub_dataset] if hub_dataset else None,
         eval_results=[
             EvalResult(
-                task_type="text-classification",
-                task_name="Text Classification",
+                task_type=pipeline_tag,
+                task_name=task_title,
                 dataset_type=dataset_type,
                 dataset_name=dataset_name,
                 dataset_config=dataset_config,
@@ -106,7 +126,7 @@ def build_model_card(
         library_name="transformers",
         license=license,
         model_name=model_name,
-        pipeline_tag="text-classification",
+        pipeline_tag=pipeline_tag,
         tags=tags,
         teacher_model=teacher_model_id,
         distillation=settings,
@@ -116,6 +136,10 @@ def build_model_card(
         base_model=student_id_or_path_base,
         teacher_model_id=teacher_model_id,
         task=task,
+        pipeline_tag=pipeline_tag,
+        id2label=id2label,
+        example_inputs=example_inputs
+        or _EXAMPLE_INPUTS.get(pipeline_tag, 'inputs = processor(image, return_tensors="pt")'),
         dataset_description=(
             f"dataset `{hub_dataset}`" + (f", config `{dataset_config}`" if dataset_config else "")
             if hub_dataset
@@ -175,6 +199,9 @@ def _card_body(
     base_model,
     teacher_model_id,
     task,
+    pipeline_tag,
+    id2label,
+    example_inputs,
     dataset_description,
     dataset_split,
     metrics,
@@ -182,7 +209,8 @@ def _card_body(
     report_markdown,
     chart_path,
 ) -> str:
-    task_text = f"the GLUE **{task.name}** task" if task else "a text-classification task"
+    task_text = f"the **{task}** task" if task else f"a {pipeline_tag.replace('-', ' ')} task"
+    teachers = [teacher_model_id] if isinstance(teacher_model_id, str) else list(teacher_model_id)
     student_init = settings.get("student_init")
     teacher_layers = student_init.get("from_teacher_layers") if isinstance(student_init, dict) else None
     if teacher_layers:
@@ -193,16 +221,15 @@ def _card_body(
         f"# {model_name}",
         "",
         (
-            f"This model is a student distilled from the teacher {_hub_link(teacher_model_id)}{init_text}, on "
+            f"This model is a student distilled from the teacher{'s' if len(teachers) > 1 else ''} "
+            f"{', '.join(map(_hub_link, teachers))}{init_text}, on "
             f"{task_text} ({dataset_description}), with `hf_distill`, a knowledge-distillation extension for "
             "Hugging Face Transformers."
         ),
         "",
     ]
-    if task and task.label_names:
-        lines += ["Labels: " + ", ".join(f"{i} = `{name}`" for i, name in task.id2label.items()) + ".", ""]
-    elif task:
-        lines += ["It predicts a similarity score (regression, one output).", ""]
+    if id2label:
+        lines += ["Labels: " + ", ".join(f"{i} = `{name}`" for i, name in id2label.items()) + ".", ""]
 
     lines += ["## Distillation", ""]
     setting_lines = [f"- **{key}**: {_format_setting(value)}" for key, value in settings.items()]
@@ -226,26 +253,26 @@ def _card_body(
     if chart_path:
         lines += [f"![Task metric and throughput of teacher, baseline and student]({chart_path})", ""]
 
+    auto_class = _AUTO_CLASSES.get(pipeline_tag, "AutoModel")
+    loader, loader_name = (
+        ("AutoImageProcessor", "processor") if pipeline_tag.startswith("image") else ("AutoTokenizer", "tokenizer")
+    )
     lines += [
         "## How to use",
         "",
         "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        f"from transformers import {auto_class}, {loader}",
         "",
         'model_id = "<this repository or folder>"',
-        "tokenizer = AutoTokenizer.from_pretrained(model_id)",
-        "model = AutoModelForSequenceClassification.from_pretrained(model_id)",
-        *(
-            ['inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")']
-            if task and len(task.text_columns) == 2
-            else ['inputs = tokenizer("a sentence to classify", return_tensors="pt")']
-        ),
+        f"{loader_name} = {loader}.from_pretrained(model_id)",
+        f"model = {auto_class}.from_pretrained(model_id)",
+        example_inputs,
         "outputs = model(**inputs)",
         "```",
         "",
         "## Limitations",
         "",
-        "- The student is trained and evaluated on one task only; it is not a general-purpose encoder.",
+        "- The student is trained and evaluated on one task only; it is not a general-purpose model.",
         "- It inherits the teacher's errors and biases as well as those of the training data.",
         f"- Results are for the `{dataset_split}` split and may not carry over to other domains or text styles.",
         "- Throughput figures, when given, depend on the hardware, batch size and sequence lengths of the benchmark.",

@@ -22,12 +22,13 @@ from .alignment import (
     resolve_layer_map,
     value_relation_loss,
 )
-from .arguments import DistillationTrainingArguments
+from .arguments import ALIGNMENT_WEIGHTS, DistillationTrainingArguments
 from .cache import cache_teacher_logits, check_teacher_columns, distribution_width, teacher_columns
 from .collator import TeacherColumnsCollator
 from .heads import DENSE, TOPK, DistillationHead, TopKTarget, Units, head_for
 from .hooks import capture_outputs, value_projections
 from .losses import chunked_per_row, divergence_per_row, label_loss_per_row, mse_per_row, sparse_divergence_per_row
+from .model_card import build_model_card
 from .teacher import freeze_teacher, place_teacher, use_eager_attention
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
@@ -633,6 +634,103 @@ class DistillationTrainer(Trainer):
         for name, value in self._pop_term_averages("eval").items():
             output.metrics[f"{metric_key_prefix}_{name}"] = value
         return output
+
+    # ---- the model card ----
+
+    def distillation_settings(self) -> dict:
+        """What the student was distilled with: head, temperatures, alpha, losses and weights, layer map, student
+        initialisation and the teacher's cache settings (the card's `distillation` metadata)."""
+        args = self.args
+        settings = {
+            "head": self.head.name,
+            "temperature": args.temperature,
+            "student_temperature": args.student_temperature,
+            "alpha": args.alpha,
+            "distillation_loss": self.distillation_loss,
+        }
+        if self.distillation_loss == "jsd":
+            settings["jsd_beta"] = args.jsd_beta
+        settings["loss_weights"] = {
+            name: getattr(args, name) for name in ("logits_loss_weight", *ALIGNMENT_WEIGHTS) if getattr(args, name)
+        }
+        if self.layer_map:
+            settings["layer_map"] = self.layer_map
+        init_layers = getattr(self._student_config, "hf_distill_init_layers", None)
+        if init_layers is not None:
+            settings["student_init"] = {"from_teacher_layers": init_layers}
+        cached = self._has_teacher_columns(self.train_dataset, args)
+        settings["teacher_outputs"] = {"cached": cached, "layout": self.head.cache_layout}
+        if cached:
+            settings["teacher_outputs"]["dtype"] = args.teacher_cache_dtype
+            if self.head.cache_layout == TOPK:
+                settings["teacher_outputs"].update(top_k=self._top_k, topk_tail=args.topk_tail)
+        return settings
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        *,
+        teacher_model_name: str | list[str] | None = None,
+        eval_results: dict | None = None,
+        dataset_split: str = "validation",
+        report_markdown: str | None = None,
+        chart_path: str | None = None,
+        extra_settings: dict | None = None,
+        output_dir: str | None = None,
+    ):
+        """`Trainer.create_model_card` with the distillation section: teacher, settings, `base_model`, tags and a
+        `model-index` of `eval_results`, written to `<output_dir or args.output_dir>/README.md`.
+
+        Args:
+            teacher_model_name: the teacher's Hub id (default: its `name_or_path`).
+            eval_results: the student's metrics (`Trainer.evaluate()` output works).
+            report_markdown: a teacher / baseline / student table; `chart_path`: a PNG beside the card.
+            extra_settings: recipe settings recorded beside `distillation_settings()` (transfer data, ...).
+            The other arguments are `Trainer.create_model_card`'s.
+
+        Returns:
+            The `huggingface_hub.ModelCard` (None on processes other than the main one).
+        """
+        if self.head is None:
+            return super().create_model_card(language, license, tags, model_name, finetuned_from, tasks,
+                                             dataset_tags, dataset, dataset_args)
+        if not self.is_world_process_zero():
+            return None
+        output_dir = output_dir or self.args.output_dir
+        teacher_config = _config(self.teacher_model) if self.teacher_model is not None else None
+        teacher = teacher_model_name or getattr(teacher_config, "_name_or_path", None) or "an unnamed teacher"
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        config = self._student_config
+        id2label = {int(key): value for key, value in (getattr(config, "id2label", None) or {}).items()}
+        names_labels = self.head.pipeline_tag in ("text-classification", "token-classification", "image-classification")
+        card = build_model_card(
+            student_id_or_path_base=finetuned_from or getattr(config, "_name_or_path", None),
+            teacher_model_id=teacher,
+            task=dataset_args if isinstance(dataset_args, str) else None,
+            dataset_id=(dataset[0] if isinstance(dataset, list) else dataset) or "local data",
+            dataset_config=dataset_args if isinstance(dataset_args, str) else None,
+            model_name=model_name or self.args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
+            eval_results=eval_results or {},
+            distillation_settings={**self.distillation_settings(), **(extra_settings or {})},
+            report_markdown=report_markdown,
+            chart_path=chart_path,
+            license=license or "apache-2.0",
+            extra_tags=tags,
+            dataset_split=dataset_split,
+            pipeline_tag=self.head.pipeline_tag,
+            id2label=id2label if names_labels and _named_labels(config) else None,
+        )
+        os.makedirs(output_dir, exist_ok=True)
+        card.save(os.path.join(output_dir, "README.md"))
+        return card
 
     # ---- saving: the student alone is exported; checkpoints add the projections ----
 

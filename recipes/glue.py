@@ -403,7 +403,7 @@ def main(argv=None):
     card = build_model_card(
         student_id_or_path_base=model_args.student_model_name_or_path or teacher_id,
         teacher_model_id=teacher_id,
-        task=task,
+        task=task.name,
         dataset_id=data_args.dataset_name or ("glue" if not data_args.train_file else "local GLUE files"),
         dataset_config=task.name,
         model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
@@ -411,6 +411,11 @@ def main(argv=None):
         distillation_settings=settings,
         report_markdown=markdown,
         chart_path=os.path.basename(paths["chart"]) if paths["chart"] else None,
+        id2label=task.id2label or None,
+        example_inputs=(
+            'inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")'
+            if len(task.text_columns) == 2 else None
+        ),
     )
     card.save(os.path.join(student_dir, "README.md"))
 

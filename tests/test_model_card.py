@@ -102,4 +102,49 @@ def test_body_names_the_teacher_layers_a_student_was_built_from():
     settings = card_arguments()["distillation_settings"] | {"student_init": {"from_teacher_layers": [0, 3, 5]}}
     text = build_model_card(**card_arguments(distillation_settings=settings)).text
     assert "textattack/bert-base-uncased-SST-2`](https://huggingface.co/textattack/bert-base-uncased-SST-2), " \
-        "initialised from its layers 0, 3, 5, on the GLUE **sst2** task" in text
+        "initialised from its layers 0, 3, 5, on the **sst2** task" in text
+
+
+def test_trainer_writes_the_distillation_card_for_any_head(tmp_path):
+    from conftest import PadCollator, tiny_bert, tiny_llama, toy_dataset, toy_lm_dataset
+
+    from hf_distill import DistillationTrainer, DistillationTrainingArguments
+
+    def args(name):
+        return DistillationTrainingArguments(output_dir=str(tmp_path / name), use_cpu=True, report_to=[],
+                                             teacher_cache_dir=str(tmp_path / "cache"), disable_tqdm=True,
+                                             teacher_cache_top_k=8, hub_token=FAKE_TOKEN)
+
+    lm = DistillationTrainer(model=tiny_llama(num_layers=1), teacher_model=tiny_llama(seed=2), args=args("lm"),
+                             train_dataset=toy_lm_dataset(4), data_collator=PadCollator())
+    card = lm.create_model_card(teacher_model_name="HuggingFaceTB/SmolLM2-135M-Instruct", dataset="wikitext",
+                                dataset_args="wikitext-2-raw-v1", eval_results={"eval_perplexity": 31.5},
+                                extra_settings={"block_size": 128})
+    data = ModelCard.load(tmp_path / "lm" / "README.md").data
+    assert str(card) == str(ModelCard.load(tmp_path / "lm" / "README.md"))
+    assert data.pipeline_tag == "text-generation" and "text-generation" in data.tags
+    assert data.teacher_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert data.distillation["head"] == "causal_lm" and data.distillation["block_size"] == 128
+    assert data.distillation["teacher_outputs"] == {"cached": True, "layout": "topk", "dtype": "float16",
+                                                    "top_k": 8, "topk_tail": "rest"}
+    [result] = data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_config) == ("perplexity", 31.5,
+                                                                                  "wikitext-2-raw-v1")
+    assert "AutoModelForCausalLM.from_pretrained" in card.text and FAKE_TOKEN not in str(card)
+
+    classifier = DistillationTrainer(model=tiny_bert(), teacher_model=tiny_bert(hidden_size=48, seed=1),
+                                     args=args("cls"), train_dataset=toy_dataset(4))
+    data = classifier.create_model_card(dataset="glue", dataset_args="sst2").data
+    assert data.pipeline_tag == "text-classification" and data.distillation["head"] == "sequence_classification"
+
+
+def test_trainer_without_a_teacher_writes_trainers_card(tmp_path):
+    from conftest import tiny_bert
+
+    from hf_distill import DistillationTrainer, DistillationTrainingArguments
+
+    trainer = DistillationTrainer(model=tiny_bert(), args=DistillationTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    assert trainer.create_model_card(model_name="plain") is None
+    data = ModelCard.load(tmp_path / "README.md").data
+    assert "distillation" not in data.to_dict() and data.to_dict()["model-index"][0]["name"] == "plain"

@@ -51,6 +51,8 @@ class DistillationHead:
     length_column: ClassVar[str] = "input_ids"
     #: Class-name endings this head serves.
     class_suffixes: ClassVar[tuple[str, ...]] = ("ForSequenceClassification",)
+    #: The Hub pipeline of a student with this head (its model card's `pipeline_tag`).
+    pipeline_tag: ClassVar[str] = "text-classification"
     #: Whether positions are tokens (sums are then over tokens, not examples).
     token_level: ClassVar[bool] = False
     #: Label fields when the model class declares none (`transformers.utils.find_labels` finds none).

@@ -18,6 +18,7 @@ class CausalLMHead(DistillationHead):
     cache_layout = TOPK
     input_names = ("input_ids", "attention_mask")
     class_suffixes = ("ForCausalLM", "LMHeadModel")
+    pipeline_tag = "text-generation"
     token_level = True
 
     def units(self, inputs: dict, labels: dict[str, torch.Tensor]) -> Units:

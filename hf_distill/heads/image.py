@@ -11,6 +11,7 @@ class ImageClassificationHead(DistillationHead):
     input_names = ("pixel_values",)
     length_column = None
     class_suffixes = ("ForImageClassification",)
+    pipeline_tag = "image-classification"
 
 
 class DeiTWithTeacherHead(ImageClassificationHead):

@@ -17,6 +17,7 @@ class Seq2SeqLMHead(DistillationHead):
     input_names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
     length_column = "labels"
     class_suffixes = ("ForConditionalGeneration",)
+    pipeline_tag = "text2text-generation"
     token_level = True
 
     @classmethod

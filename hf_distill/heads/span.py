@@ -22,6 +22,7 @@ class QuestionAnsweringHead(DistillationHead):
     name = "question_answering"
     cache_layout = PER_TOKEN
     class_suffixes = ("ForQuestionAnswering",)
+    pipeline_tag = "question-answering"
 
     def units(self, inputs: dict, labels: dict[str, torch.Tensor]) -> Units:
         kd = torch.ones(inputs["input_ids"].shape[0], dtype=torch.bool, device=inputs["input_ids"].device)

@@ -23,6 +23,7 @@ class TokenClassificationHead(DistillationHead):
     name = "token_classification"
     cache_layout = PER_TOKEN
     class_suffixes = ("ForTokenClassification",)
+    pipeline_tag = "token-classification"
     token_level = True
 
     def units(self, inputs: dict, labels: dict[str, torch.Tensor]) -> Units:
