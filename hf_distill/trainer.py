@@ -543,8 +543,10 @@ class DistillationTrainer(Trainer):
                         "its attention implementation does not return them. Load it with attn_implementation='eager'."
                     )
         mask = inputs.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(inputs["input_ids"].shape, dtype=torch.long, device=student_outputs.logits.device)
+        if mask is None:  # every position counts: tokens without padding, or image patches
+            states = (student_outputs.hidden_states or student_outputs.attentions)[0]
+            mask = torch.ones(states.shape[0], states.shape[-2] if states.dim() == 4 else states.shape[1],
+                              dtype=torch.long, device=states.device)
         pairs = list(self.layer_map.items())
 
         def over_pairs(loss_fn, student_tensors, teacher_tensors, offset=0):

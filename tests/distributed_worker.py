@@ -45,7 +45,7 @@ if __name__ == "__main__":
 import time
 
 import numpy as np
-from conftest import tiny_bert, tiny_tokenizer, toy_dataset
+from conftest import PadCollator, tiny_bert, tiny_llama, tiny_tokenizer, toy_dataset, toy_lm_dataset
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
@@ -108,6 +108,14 @@ class RecordingCollator:
         if None not in indices:
             self.batches.append(sorted(indices))
         return self.collate(features)
+
+
+class RecordingLMCollator(RecordingCollator):
+    """`RecordingCollator` for token sequences with `labels` (right-padded with -100)."""
+
+    def __init__(self, train_dataset):
+        super().__init__(None, train_dataset)
+        self.collate = PadCollator()
 
 
 class TeacherSpy:
@@ -253,6 +261,18 @@ def scenario_hidden_projection(workdir) -> dict:
     }
 
 
+def scenario_causal_lm(workdir) -> dict:
+    """A causal LM distilled from a top-k cache: the losses are sums over the step's tokens on both processes."""
+    train = toy_lm_dataset(NUM_TRAIN_EXAMPLES, prompt_length=2, max_length=16)
+    collator = RecordingLMCollator(train)
+    trainer = DistillationTrainer(
+        model=tiny_llama(num_layers=1, seed=1), args=make_args(workdir, teacher_cache_top_k=8),
+        train_dataset=train, data_collator=collator, teacher_model=tiny_llama(seed=2, logit_scale=30.0),
+    )
+    trainer.train()
+    return common_results(trainer, collator)
+
+
 def scenario_glue_recipe(workdir) -> dict:
     """`recipes/glue.py` with the arguments in `workdir/glue_args.txt` (one a line); counts who writes the report."""
     sys.path.insert(0, os.path.join(REPO, "recipes"))
@@ -282,6 +302,7 @@ SCENARIOS = {
     "online": scenario_online,
     "partially_labelled": scenario_partially_labelled,
     "hidden_projection": scenario_hidden_projection,
+    "causal_lm": scenario_causal_lm,
     "glue_recipe": scenario_glue_recipe,
 }
 

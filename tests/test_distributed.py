@@ -30,7 +30,7 @@ HF_DISTILL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hf_distill.__f
 
 
 # The recipe runs last: it is the most expensive, and its output is checked on disk.
-SCENARIOS = ["cached", "online", "partially_labelled", "hidden_projection", "glue_recipe"]
+SCENARIOS = ["cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "glue_recipe"]
 
 
 def run_launch(out_dir, env) -> "Launch":
@@ -249,6 +249,17 @@ def test_partially_labelled_batches_match_one_process(ddp, reference):
     ranks, one_process = ddp.results("partially_labelled"), reference("partially_labelled")
     assert_same_global_batches(ranks, one_process)
     assert_same_logs(ranks, one_process, ["loss", "grad_norm", "loss_kd", "loss_ce"])
+
+
+# ---- token-level losses: a causal LM from a top-k cache ----
+
+
+def test_causal_lm_two_processes_match_one_process(ddp, reference):
+    """Rows of different lengths put different token counts on each rank: the step total normalises them."""
+    ranks, one_process = ddp.results("causal_lm"), reference("causal_lm")
+    assert_same_global_batches(ranks, one_process)
+    assert_same_logs(ranks, one_process, ["loss", "grad_norm", "loss_kd", "loss_ce"])
+    assert_same_tensors(ranks, one_process, "weights")
 
 
 # ---- 5. intermediate-layer alignment with learned projections ----

@@ -230,3 +230,33 @@ def test_alignment_without_a_teacher(tmp_path):
 def test_negative_loss_weight(tmp_path):
     with pytest.raises(ValueError, match=r"hidden_loss_weight=-1.0 is invalid: it must be >= 0"):
         make_args(tmp_path, hidden_loss_weight=-1.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "vit"])
+def test_alignment_on_decoder_and_vision_stacks(tmp_path, family):
+    """Hidden-state, attention and value-relation losses need no input_ids or padding: decoders and ViTs work."""
+    from conftest import PadCollator, tiny_llama, toy_lm_dataset
+    from datasets import Dataset
+    from transformers import ViTConfig, ViTForImageClassification
+
+    def vit(layers, hidden, seed):
+        torch.manual_seed(seed)
+        return ViTForImageClassification(ViTConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                                                   intermediate_size=32, image_size=8, patch_size=4, num_labels=4))
+
+    if family == "llama":
+        student, teacher = tiny_llama(1, seed=1), tiny_llama(2, seed=2)
+        dataset, collator = toy_lm_dataset(8), PadCollator()
+    else:
+        rng = np.random.default_rng(0)
+        dataset = Dataset.from_dict({"pixel_values": rng.normal(size=(8, 3, 8, 8)).astype("float32").tolist(),
+                                     "labels": rng.integers(0, 4, 8).tolist()})
+        student, teacher, collator = vit(1, 16, 1), vit(2, 32, 2), None
+    args = make_args(tmp_path, hidden_loss_weight=1.0, attention_loss_weight=1.0, value_relation_loss_weight=1.0,
+                     relation_heads=2, per_device_train_batch_size=4)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset,
+                                  data_collator=collator)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert {"loss_hidden", "loss_attention", "loss_value_relation", "loss_kd"} <= logged.keys()
+    assert all(np.isfinite(logged[key]) for key in ("loss", "loss_hidden", "loss_attention"))
