@@ -24,6 +24,8 @@ from datasets.config import HF_DATASETS_CACHE
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .teacher import check_teacher_logits_finite
+
 METADATA_FILE = "hf_distill_cache.json"
 # Part of every cache's path: a new format (or digest definition) never reads, nor refuses, an older cache.
 CACHE_FORMAT_VERSION = 2
@@ -234,7 +236,9 @@ def cache_teacher_logits(
 
 
 def _build(teacher, dataset, record, path, column, dtype, batch_size, device, show_progress) -> None:
-    logits = _run_teacher(teacher, dataset, batch_size, device, show_progress).astype(_TORCH_DTYPES[dtype])
+    teacher_logits = _run_teacher(teacher, dataset, batch_size, device, show_progress)
+    check_teacher_logits_finite(teacher_logits, teacher)  # an overflow in the teacher, not in the storage dtype
+    logits = teacher_logits.astype(_TORCH_DTYPES[dtype])
     _check_logit_values(logits, column, teacher.config.num_labels)
     flat = pa.array(logits.reshape(-1))
     logits_dataset = Dataset(pa.table({column: pa.FixedSizeListArray.from_arrays(flat, logits.shape[1])}))

@@ -63,7 +63,10 @@ def kl_divergence_loss(
         student_temperature = temperature
     student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    per_example = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(dim=-1)
+    teacher_probs = teacher_log_probs.exp()
+    # A masked class (teacher logit -inf) has probability 0 and contributes 0 * log 0 = 0, not 0 * -inf = NaN.
+    per_class = torch.where(teacher_probs > 0, teacher_probs * (teacher_log_probs - student_log_probs), 0.0)
+    per_example = per_class.sum(dim=-1)
     return _weighted_mean(per_example, sample_weight, mask) * (temperature * student_temperature)
 
 

@@ -26,7 +26,8 @@ from .arguments import DistillationTrainingArguments
 from .cache import MODEL_INPUT_COLUMNS, cache_teacher_logits, check_teacher_logits
 from .hooks import capture_outputs, value_projections
 from .losses import kl_divergence_loss, label_loss, labelled_mask, logit_mse_loss
-from .teacher import freeze_teacher, place_teacher, use_eager_attention
+from .teacher import check_teacher_logits_finite, freeze_teacher, place_teacher, use_eager_attention
+from .validation import check_distillation_inputs
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
 logger = logging.get_logger(__name__)
@@ -118,6 +119,8 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer supports distributed data parallel only. Launch with `accelerate launch` or "
                 "`torchrun`, or restrict CUDA_VISIBLE_DEVICES to one GPU."
             )
+        if model is not None:
+            check_distillation_inputs(model, teacher_model, args, train_dataset, eval_dataset, processing_class)
         if model is not None and teacher_model is not None:
             check_label_spaces(model, teacher_model)
         if teacher_model is not None:
@@ -291,7 +294,9 @@ class DistillationTrainer(Trainer):
         teacher = self._prepared_teacher()
         teacher_inputs = {name: inputs[name] for name in MODEL_INPUT_COLUMNS if name in inputs}
         with torch.no_grad():
-            return teacher(**teacher_inputs, **output_flags)
+            outputs = teacher(**teacher_inputs, **output_flags)
+        check_teacher_logits_finite(outputs.logits, teacher)
+        return outputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The weighted distillation loss of one micro-batch; each term is recorded for the logs."""

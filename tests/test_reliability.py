@@ -1,0 +1,158 @@
+"""Faults as users and machines hit them (issue 12): secrets on disk, silent NaN or zero losses, bad input caught
+late, concurrent caches and interrupted checkpoints. Each bad input must fail with a message that names the problem
+and the fix, before anything is written."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_bert, toy_dataset
+
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, kl_divergence_loss
+
+SECRET = "hf_SECRETtoken0123456789abcdef"
+
+
+def make_args(tmp_path, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        teacher_cache_dir=str(tmp_path / "cache"),
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return DistillationTrainingArguments(**defaults)
+
+
+def written_files(folder):
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+
+
+def assert_nothing_written(tmp_path):
+    assert not os.path.exists(tmp_path / "out")
+    assert not os.path.exists(tmp_path / "cache")
+
+
+# ---- 1. the Hub token never reaches a file ----
+
+
+def test_hub_token_is_in_no_checkpoint_nor_saved_model(tmp_path, tokenizer, teacher, student):
+    args = make_args(tmp_path, hub_token=SECRET, save_strategy="steps", save_steps=1, max_steps=2)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=toy_dataset(16), processing_class=tokenizer
+    )
+    trainer.train()
+    trainer.save_model()
+
+    files = written_files(tmp_path)
+    args_files = [path for path in files if path.endswith("training_args.bin")]
+    assert len(args_files) == 3  # checkpoint-1, checkpoint-2 and the saved model
+    for path in files:
+        with open(path, "rb") as file:
+            assert SECRET.encode() not in file.read(), path
+    saved = torch.load(args_files[0], weights_only=False)
+    assert saved.hub_token is None and saved.temperature == args.temperature
+    assert trainer.args.hub_token == SECRET  # the live arguments keep it for push_to_hub
+
+
+def test_repr_masks_the_hub_token():
+    args = DistillationTrainingArguments(output_dir="unused", hub_token=SECRET, temperature=3.0)
+    assert SECRET not in repr(args) and SECRET not in str(args)
+    assert "<HUB_TOKEN>" in repr(args) and "temperature=3.0" in repr(args)
+
+
+# ---- 2. regression + KL trains on nothing ----
+
+
+def test_kl_on_a_regression_head_is_refused(tmp_path):
+    regression = dict(num_labels=1)
+    args = make_args(tmp_path, distillation_loss="kl")
+    with pytest.raises(ValueError, match="num_labels=1.*'mse'.*'auto'"):
+        DistillationTrainer(
+            model=tiny_bert(**regression), teacher_model=tiny_bert(seed=1, **regression), args=args,
+            train_dataset=toy_dataset(16, num_labels=1),
+        )
+    assert_nothing_written(tmp_path)
+
+
+# ---- 3. non-finite values ----
+
+
+@pytest.mark.parametrize("field", ["temperature", "student_temperature"])
+@pytest.mark.parametrize("value", [math.inf, math.nan])
+def test_non_finite_temperature(field, value):
+    with pytest.raises(ValueError, match=f"{field}=.*it must be > 0 and finite"):
+        DistillationTrainingArguments(output_dir="unused", **{field: value})
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ([1.0, math.nan] * 8, "NaN or infinite.*row 1"),
+        ([1.0, -0.5] * 8, "negative.*row 1"),
+        ([0.0] * 16, "all 0"),
+    ],
+)
+def test_bad_sample_weights(tmp_path, teacher, student, weights, message):
+    dataset = toy_dataset(16).add_column("sample_weight", weights)
+    with pytest.raises(ValueError, match=f"'sample_weight'.*{message}"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=dataset)
+    assert_nothing_written(tmp_path)
+
+
+def overflowing_teacher():
+    """A float16 teacher whose logits overflow float16's range (65504) on every input: 48 pooled features of 1
+    times weights of 1e4."""
+    teacher = tiny_bert(hidden_size=48, num_layers=4, seed=1)
+    with torch.no_grad():
+        teacher.bert.pooler.dense.weight.zero_()
+        teacher.bert.pooler.dense.bias.fill_(10.0)
+        teacher.classifier.weight.fill_(1e4)
+    return teacher.half()
+
+
+@pytest.mark.parametrize("online", ["no cache", "alignment"])
+def test_float16_teacher_overflow_online(tmp_path, tokenizer, student, online):
+    options = {"use_teacher_cache": False} if online == "no cache" else {"hidden_cosine_loss_weight": 1.0}
+    args = make_args(tmp_path, max_steps=1, **options)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=overflowing_teacher(), args=args, train_dataset=toy_dataset(16),
+        processing_class=tokenizer,
+    )
+    weights_before = [parameter.detach().clone() for parameter in student.parameters()]
+    with pytest.raises(ValueError, match="NaN or infinite.*torch.float16.*run the teacher in float32"):
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, student.parameters()))
+
+
+def test_float16_teacher_overflow_while_caching(tmp_path, student):
+    args = make_args(tmp_path, teacher_cache_dtype="float32")
+    with pytest.raises(ValueError, match="NaN or infinite.*torch.float16.*run the teacher in float32"):
+        DistillationTrainer(
+            model=student, teacher_model=overflowing_teacher(), args=args, train_dataset=toy_dataset(16)
+        )
+    assert_nothing_written(tmp_path)
+
+
+def test_masked_class_with_minus_inf_teacher_logit():
+    student_logits = torch.tensor([[0.3, -1.2, 2.0], [1.0, 0.0, -1.0]], requires_grad=True)
+    teacher_logits = torch.tensor([[1.0, -math.inf, 0.5], [-math.inf, 2.0, 0.0]])
+    loss = kl_divergence_loss(student_logits, teacher_logits, temperature=2.0)
+    loss.backward()
+    # Reference: the KL over the unmasked classes only, with the student's full softmax.
+    expected = 0.0
+    for row, masked in ((0, 1), (1, 0)):
+        teacher_probs = torch.softmax(teacher_logits[row] / 2.0, dim=-1).double()
+        student_log_probs = torch.log_softmax(student_logits[row].detach() / 2.0, dim=-1).double()
+        kept = [c for c in range(3) if c != masked]
+        expected += sum(teacher_probs[c] * (teacher_probs[c].log() - student_log_probs[c]) for c in kept)
+    assert loss.item() == pytest.approx(float(expected) / 2 * 4.0, rel=1e-5)
+    assert torch.isfinite(student_logits.grad).all()
