@@ -5,14 +5,18 @@ produced them (teacher config and weights digest, tokenizer digest, max length, 
 The folder name depends on the dataset and the column only, so a cache built by another teacher or tokenizer is
 found and refused with a message that says what differs, rather than silently used or silently rebuilt.
 
-Builds are atomic: the logits are written to a temporary folder that is renamed into place once complete.
+Builds are atomic: the logits are written to a temporary folder that is renamed into place once complete. A file
+lock beside the cache serialises check -> build -> load across processes (two runs on one dataset: one teacher
+pass, the other waits and reuses it) and lets each build remove the temporary folders of killed ones.
 """
 
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +25,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.config import HF_DATASETS_CACHE
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -210,7 +215,7 @@ def cache_teacher_logits(
         device = next(teacher.parameters()).device
     path = default_cache_path(dataset, column, cache_dir)
     record = _cache_record(teacher, dataset, tokenizer, dtype, _input_lengths(dataset).max())
-    with state.main_process_first():
+    with state.main_process_first(), _exclusive_build(path):
         if os.path.exists(os.path.join(path, METADATA_FILE)):
             with open(os.path.join(path, METADATA_FILE)) as file:
                 cached_record = json.load(file)
@@ -230,7 +235,7 @@ def cache_teacher_logits(
                 "its own: the processes see different datasets (fingerprints differ). Build the dataset identically "
                 "on every process."
             )
-    logits_dataset = load_from_disk(path)
+        logits_dataset = load_from_disk(path)  # under the lock: no other process replaces the folder meanwhile
     check_teacher_logits(logits_dataset, column, teacher.config.num_labels)
     return concatenate_datasets([dataset, logits_dataset], axis=1)
 
@@ -254,3 +259,15 @@ def _build(teacher, dataset, record, path, column, dtype, batch_size, device, sh
         os.replace(tmp_path, path)
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@contextmanager
+def _exclusive_build(path: str):
+    """Hold the cross-process lock of the cache at `path`; remove what killed builds of it left behind."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with FileLock(os.path.join(parent, f".{name}.lock")):
+        # Only a holder of this lock writes these folders, so any found now belongs to a build that died.
+        for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield

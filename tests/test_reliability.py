@@ -156,3 +156,74 @@ def test_masked_class_with_minus_inf_teacher_logit():
         expected += sum(teacher_probs[c] * (teacher_probs[c].log() - student_log_probs[c]) for c in kept)
     assert loss.item() == pytest.approx(float(expected) / 2 * 4.0, rel=1e-5)
     assert torch.isfinite(student_logits.grad).all()
+
+
+# ---- 4. two processes building one cache ----
+
+CACHE_WORKER = r"""
+import os, sys, time
+import numpy as np
+from datasets import load_from_disk
+from transformers import AutoModelForSequenceClassification
+import hf_distill.cache as cache
+
+folder, marker = sys.argv[1], sys.argv[2]
+run_teacher = cache._run_teacher
+
+def slow_run_teacher(*args, **kwargs):  # a teacher pass long enough for the other process to arrive meanwhile
+    with open(marker, "a") as file:
+        file.write(f"{os.getpid()}\n")
+    time.sleep(3)
+    return run_teacher(*args, **kwargs)
+
+cache._run_teacher = slow_run_teacher
+teacher = AutoModelForSequenceClassification.from_pretrained(os.path.join(folder, "teacher"))
+dataset = load_from_disk(os.path.join(folder, "data"))
+with_logits = cache.cache_teacher_logits(
+    teacher, dataset, cache_dir=os.path.join(folder, "cache"), show_progress=False
+)
+np.save(os.path.join(folder, f"logits-{os.getpid()}.npy"), np.asarray(with_logits["teacher_logits"]))
+"""
+
+
+def test_two_processes_share_one_cache_build(tmp_path, teacher):
+    import subprocess
+    import sys
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    toy_dataset(24).save_to_disk(str(tmp_path / "data"))  # on disk: the same fingerprint in both processes
+    # Leftover of a build killed in its write window.
+    stale = tmp_path / "cache" / ".teacher_logits-stale-v2.tmp-x"
+    stale.mkdir(parents=True)
+    marker = tmp_path / "teacher_passes.txt"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", CACHE_WORKER, str(tmp_path), str(marker)], env=environment,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
+    outputs = [worker.communicate(timeout=240)[0].decode() for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert len(marker.read_text().split()) == 1  # one teacher pass; the other process waited and reused it
+    logits = [np.load(path) for path in sorted(tmp_path.glob("logits-*.npy"))]
+    assert len(logits) == 2 and np.array_equal(logits[0], logits[1])
+    leftovers = [name for name in os.listdir(tmp_path / "cache") if ".tmp-" in name]
+    assert leftovers == [".teacher_logits-stale-v2.tmp-x"]  # another cache's leftovers are not this build's to remove
+
+
+def test_stale_temporary_folders_of_a_killed_build_are_removed(tmp_path, teacher):
+    from hf_distill import cache_teacher_logits
+    from hf_distill.cache import default_cache_path
+
+    dataset = toy_dataset(8)
+    cache_dir = str(tmp_path / "cache")
+    path = default_cache_path(dataset, "teacher_logits", cache_dir)
+    stale = [os.path.join(cache_dir, f".{os.path.basename(path)}.tmp-{suffix}") for suffix in ("a1", "b2")]
+    for folder in stale:
+        os.makedirs(folder)
+        open(os.path.join(folder, "data-00000-of-00001.arrow"), "wb").close()
+    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, show_progress=False)
+    assert not any(os.path.exists(folder) for folder in stale)
+    assert os.path.isdir(path)
