@@ -24,6 +24,7 @@ from .alignment import (
 )
 from .arguments import DistillationTrainingArguments
 from .cache import MODEL_INPUT_COLUMNS, cache_teacher_logits, check_teacher_logits
+from .checkpoints import last_complete_checkpoint
 from .hooks import capture_outputs, value_projections
 from .losses import kl_divergence_loss, label_loss, labelled_mask, logit_mse_loss
 from .teacher import check_teacher_logits_finite, freeze_teacher, place_teacher, use_eager_attention
@@ -525,22 +526,34 @@ class DistillationTrainer(Trainer):
             super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # The projections go first: Trainer rotates old checkpoints out at the end of its save, and writes
+        # trainer_state.json (what makes a checkpoint complete, see last_complete_checkpoint) just before.
         wrapper = self.accelerator.unwrap_model(self.model)
         if isinstance(wrapper, DistillWrapper) and self.args.should_save:
             checkpoint_dir = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            os.makedirs(checkpoint_dir, exist_ok=True)
             state = {name: value.detach().contiguous() for name, value in wrapper.projections.state_dict().items()}
             save_file(state, os.path.join(checkpoint_dir, PROJECTIONS_FILE))
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        if resume_from_checkpoint is True:  # Trainer would take the newest folder, even one a kill left half-written
+            needs_projections = isinstance(self.accelerator.unwrap_model(self.model), DistillWrapper)
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir, (PROJECTIONS_FILE,) if needs_projections else ()
+            )
+        return super().train(resume_from_checkpoint, trial, **kwargs)
 
     def _load_projections(self, checkpoint_dir: str, wrapper: DistillWrapper) -> None:
         path = os.path.join(checkpoint_dir, PROJECTIONS_FILE)
         if not os.path.isfile(path):
             raise ValueError(
-                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a DistillationTrainer "
-                "with the same width projections, so resuming would restart them from scratch. Resume from a "
-                "checkpoint of this run, or start a new run."
+                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: its save was interrupted, or it was not "
+                "written by a DistillationTrainer with the same width projections, so resuming would restart them "
+                "from scratch. Resume from an earlier, complete checkpoint of this run (resume_from_checkpoint=True "
+                "finds it), or start a new run."
             )
         wrapper.projections.load_state_dict(load_file(path, device=str(next(wrapper.parameters()).device)))
 

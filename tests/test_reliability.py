@@ -227,3 +227,78 @@ def test_stale_temporary_folders_of_a_killed_build_are_removed(tmp_path, teacher
     cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, show_progress=False)
     assert not any(os.path.exists(folder) for folder in stale)
     assert os.path.isdir(path)
+
+
+# ---- 5. a checkpoint save interrupted ----
+
+
+class SimulatedKill(BaseException):
+    """Stands for SIGKILL: not an Exception, so nothing on the way catches it."""
+
+
+def projection_run(tmp_path, tokenizer, **overrides):
+    """A 4-step run whose student (width 32) learns projections to the teacher's width (48)."""
+    args = make_args(
+        tmp_path, hidden_loss_weight=1.0, max_steps=4, save_strategy="steps", save_steps=2, save_total_limit=1,
+        **overrides,
+    )
+    return DistillationTrainer(
+        model=tiny_bert(hidden_size=32, num_layers=2, seed=2), teacher_model=tiny_bert(hidden_size=48, num_layers=4, seed=1),
+        args=args, train_dataset=toy_dataset(32), processing_class=tokenizer,
+    )
+
+
+def trained_state(trainer):
+    return {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("killed_in", ["projections", "rng state"])
+def test_resume_after_a_kill_during_checkpointing(tmp_path, tokenizer, monkeypatch, killed_in):
+    from transformers import Trainer
+    from transformers.testing_utils import CaptureLogger
+
+    import hf_distill.checkpoints as checkpoints_module
+    import hf_distill.trainer as trainer_module
+
+    reference = projection_run(tmp_path / "reference", tokenizer)
+    reference.train()
+
+    trainer = projection_run(tmp_path, tokenizer)
+    if killed_in == "projections":
+        save_file = trainer_module.save_file
+
+        def killing_save_file(tensors, path, *args, **kwargs):
+            if f"checkpoint-4{os.sep}" in path:
+                raise SimulatedKill
+            return save_file(tensors, path, *args, **kwargs)
+
+        monkeypatch.setattr(trainer_module, "save_file", killing_save_file)
+    else:
+        save_rng_state = Trainer._save_rng_state
+
+        def killing_save_rng_state(self, output_dir):
+            if output_dir.endswith("checkpoint-4"):
+                raise SimulatedKill
+            return save_rng_state(self, output_dir)
+
+        monkeypatch.setattr(Trainer, "_save_rng_state", killing_save_rng_state)
+    with pytest.raises(SimulatedKill):
+        trainer.train()
+    monkeypatch.undo()
+    assert os.path.isdir(tmp_path / "out" / "checkpoint-2")  # a complete checkpoint survived the rotation
+
+    resumed = projection_run(tmp_path, tokenizer)
+    with CaptureLogger(checkpoints_module.logger) as captured:
+        resumed.train(resume_from_checkpoint=True)
+    assert "checkpoint-4 is incomplete" in captured.out and "checkpoint-2" in captured.out
+    expected = trained_state(reference)
+    assert all(torch.equal(value, expected[name]) for name, value in trained_state(resumed).items())
+
+
+def test_resume_with_only_incomplete_checkpoints(tmp_path, tokenizer):
+    os.makedirs(tmp_path / "out" / "checkpoint-2")
+    with open(tmp_path / "out" / "checkpoint-2" / "config.json", "w") as file:
+        file.write("{}")
+    trainer = projection_run(tmp_path, tokenizer)
+    with pytest.raises(ValueError, match="checkpoint-2 is incomplete.*no complete checkpoint.*resume_from_checkpoint"):
+        trainer.train(resume_from_checkpoint=True)
