@@ -302,3 +302,69 @@ def test_resume_with_only_incomplete_checkpoints(tmp_path, tokenizer):
     trainer = projection_run(tmp_path, tokenizer)
     with pytest.raises(ValueError, match="checkpoint-2 is incomplete.*no complete checkpoint.*resume_from_checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+# ---- 6. eval datasets are checked before the train cache is built ----
+
+
+@pytest.mark.parametrize(
+    "eval_dataset, message",
+    [
+        (toy_dataset(8).add_column("teacher_logits", [[0.0, 1.0]] * 8), "teacher_logits.*shape \\(2,\\).*num_labels=3"),
+        (toy_dataset(8).select([]), "eval dataset is empty"),
+        ({"matched": toy_dataset(8), "mismatched": toy_dataset(8).select([])}, "eval 'mismatched' dataset is empty"),
+    ],
+)
+def test_bad_eval_dataset_fails_before_the_train_cache(tmp_path, tokenizer, teacher, student, eval_dataset, message):
+    with pytest.raises(ValueError, match=message):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=toy_dataset(16),
+            eval_dataset=eval_dataset, processing_class=tokenizer,
+        )
+    assert_nothing_written(tmp_path)
+
+
+# ---- 7. raw errors become messages, before any work ----
+
+
+def test_token_ids_beyond_the_vocabulary(tmp_path, teacher, student):
+    dataset = toy_dataset(16)
+    dataset = dataset.map(lambda row, index: {"input_ids": row["input_ids"][:-1] + [150] if index == 5 else row["input_ids"]},
+                          with_indices=True)
+    with pytest.raises(ValueError, match="input_ids range over 2..150.*ids 0..98.*tokenize it with the teacher's"):
+        DistillationTrainer(model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=dataset)
+    assert_nothing_written(tmp_path)
+
+
+def test_label_beyond_num_labels(tmp_path, tokenizer, teacher, student):
+    dataset = toy_dataset(16).map(lambda row, index: {"label": 7 if index == 3 else row["label"]}, with_indices=True)
+    with pytest.raises(ValueError, match="label 7 \\(row 3\\).*num_labels=3"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+    assert_nothing_written(tmp_path)
+
+
+def test_tokenizer_larger_than_the_vocabulary(tmp_path, teacher, student):
+    from conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(str(tmp_path / "tokenizer"), [f"w{i}" for i in range(5, 120)])
+    with pytest.raises(ValueError, match="has 120 tokens but the models' vocabulary has 99"):
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=toy_dataset(16),
+            processing_class=tokenizer,
+        )
+    assert_nothing_written(tmp_path)
+
+
+def test_teacher_without_logits(tmp_path, student):
+    encoder = tiny_bert(hidden_size=48, num_layers=4, seed=1).bert  # a BertModel: hidden states, no logits
+    with pytest.raises(ValueError, match="BertModel, a bare encoder.*no logits.*AutoModelForSequenceClassification"):
+        DistillationTrainer(model=student, teacher_model=encoder, args=make_args(tmp_path), train_dataset=toy_dataset(16))
+    assert_nothing_written(tmp_path)
+
+
+def test_malformed_layer_map_json():
+    with pytest.raises(ValueError, match="layer_map='\\{1: 2\\}' is not valid JSON.*quoted keys"):
+        DistillationTrainingArguments(output_dir="unused", layer_map="{1: 2}")
