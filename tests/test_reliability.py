@@ -370,3 +370,40 @@ def test_teacher_without_logits(tmp_path, student):
 def test_malformed_layer_map_json():
     with pytest.raises(ValueError, match="layer_map='\\{1: 2\\}' is not valid JSON.*quoted keys"):
         DistillationTrainingArguments(output_dir="unused", layer_map="{1: 2}")
+
+
+# ---- 8. float16 attention maps ----
+
+
+def test_attention_relation_gradient_is_finite_for_float16_maps():
+    from hf_distill import attention_relation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[1, 9:] = 0
+    overflowing_cases = 0
+    for _ in range(20):
+        # Peaked student rows: many keys get probabilities far below float16's 6e-5 where the teacher has mass.
+        student_scores = torch.randn(4, 2, 12, 12, generator=generator) * 8
+        teacher_scores = torch.randn(4, 2, 12, 12, generator=generator)
+        student = student_scores.softmax(-1).half().requires_grad_()
+        teacher = teacher_scores.softmax(-1).half()
+        loss = attention_relation_loss(student, teacher, mask)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+        # The same maps in float32 give large but representable gradients: 1/p beyond float16's range.
+        student32 = student.detach().float().requires_grad_()
+        attention_relation_loss(student32, teacher.float(), mask).backward()
+        overflowing_cases += bool((student32.grad.abs() > torch.finfo(torch.float16).max).any())
+    assert overflowing_cases > 0  # the cases are ones that overflowed before
+
+
+def test_attention_relation_loss_unchanged_for_float32_maps():
+    from hf_distill import attention_relation_loss
+
+    generator = torch.Generator().manual_seed(1)
+    student = torch.randn(2, 3, 5, 5, generator=generator).softmax(-1).double()
+    teacher = torch.randn(2, 3, 5, 5, generator=generator).softmax(-1).double()
+    mask = torch.ones(2, 5, dtype=torch.long)
+    expected = (teacher * (teacher.log() - student.log())).sum(-1).mean()
+    assert attention_relation_loss(student.float(), teacher.float(), mask).item() == pytest.approx(expected.item(), rel=1e-5)
