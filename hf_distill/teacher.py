@@ -25,9 +25,14 @@ def freeze_teacher(teacher: nn.Module) -> nn.Module:
     """The teacher in eval mode without gradients; a PEFT model (base + adapter) is merged into a plain model first.
 
     A merged teacher goes through DeepSpeed, FSDP and `prepare_model` like any model, and runs as fast as the base.
+    The merge is in place, as PEFT's `merge_and_unload` does it: the `PeftModel` passed in loses its adapter (a copy
+    would double the teacher's memory). Pass `copy.deepcopy(teacher)` to keep the adapter.
     """
     if hasattr(teacher, "merge_and_unload") and hasattr(teacher, "peft_config"):
-        logger.info("The teacher is a PEFT model: merging its adapter into the base weights.")
+        logger.warning(
+            "The teacher is a PEFT model: merging its adapter into the base weights in place, so the PeftModel "
+            "passed as teacher_model no longer has its adapter. Pass copy.deepcopy(teacher) to keep it."
+        )
         teacher = teacher.merge_and_unload()
     return teacher.eval().requires_grad_(False)
 

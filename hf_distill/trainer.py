@@ -89,7 +89,8 @@ class DistillationTrainer(Trainer):
         model: the student (a `PreTrainedModel` or a PEFT model).
         args: [`DistillationTrainingArguments`].
         teacher_model: optional teacher sharing the student's label space and tokenizer. It is frozen (a PEFT
-            teacher is merged first), placed by accelerate, never wrapped in DDP and never saved.
+            teacher is merged first, in place: the `PeftModel` passed in loses its adapter), placed by accelerate,
+            never wrapped in DDP and never saved.
         Every other argument is [`~transformers.Trainer`]'s.
     """
 

@@ -407,3 +407,58 @@ def test_attention_relation_loss_unchanged_for_float32_maps():
     mask = torch.ones(2, 5, dtype=torch.long)
     expected = (teacher * (teacher.log() - student.log())).sum(-1).mean()
     assert attention_relation_loss(student.float(), teacher.float(), mask).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---- noted: PEFT teachers, pypi: model packages ----
+
+
+def test_peft_teacher_merge_in_place_is_announced(tmp_path, tokenizer, student):
+    from peft import LoraConfig, get_peft_model
+    from transformers.testing_utils import CaptureLogger
+
+    import hf_distill.teacher as teacher_module
+
+    teacher = get_peft_model(tiny_bert(hidden_size=48, num_layers=4, seed=1), LoraConfig(target_modules=["query"]))
+    with CaptureLogger(teacher_module.logger) as captured:
+        DistillationTrainer(
+            model=student, teacher_model=teacher, args=make_args(tmp_path), train_dataset=toy_dataset(8),
+            processing_class=tokenizer,
+        )
+    assert "in place" in captured.out and "copy.deepcopy(teacher)" in captured.out
+
+
+def write_module(folder, name, source):
+    path = folder / f"{name}.py"
+    path.write_text(source)
+    return path
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("hf_distill_probe_no_entry", "defines no get_model_path\\(\\) in its source.*not imported"),
+        ("os.path", "does not name a top-level Python module"),
+        ("hf_distill_probe_missing", "which is not installed"),
+    ],
+)
+def test_pypi_prefix_imports_only_model_packages(tmp_path, monkeypatch, name, message):
+    from hf_distill.models import resolve_model_path
+
+    marker = tmp_path / "imported"
+    write_module(tmp_path, "hf_distill_probe_no_entry", f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        resolve_model_path(f"pypi:{name}")
+    assert not marker.exists()  # the module's code never ran
+
+
+def test_pypi_prefix_resolves_a_model_package(tmp_path, monkeypatch):
+    from hf_distill.models import resolve_model_path
+
+    (tmp_path / "model").mkdir()
+    write_module(
+        tmp_path, "hf_distill_probe_model",
+        f"def get_model_path():\n    return {str(tmp_path / 'model')!r}\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_model_path("pypi:hf_distill_probe_model") == str(tmp_path / "model")
