@@ -198,7 +198,8 @@ def test_two_processes_share_one_cache_build(tmp_path, teacher):
     stale = tmp_path / "cache" / ".teacher_logits-stale-v2.tmp-x"
     stale.mkdir(parents=True)
     marker = tmp_path / "teacher_passes.txt"
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's hf_distill, in the workers too
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", CACHE_WORKER, str(tmp_path), str(marker)], env=environment,
