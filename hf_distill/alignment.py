@@ -276,15 +276,24 @@ def _row_kl_over_real_keys(
     return _mean_over_examples(per_example_sums, real.sum(dim=1) * per_row.shape[1])
 
 
-def _log_probs_over_real_keys(probs: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """Log of `probs` `(batch, heads, seq_len, seq_len)` renormalised over real keys.
+def _log_probs_over_real_keys(probs: torch.Tensor, real: torch.Tensor, floor: float) -> torch.Tensor:
+    """Log of `probs` `(batch, heads, seq_len, seq_len)` renormalised over real keys, probabilities floored at
+    `floor`.
 
     Renormalising makes each row a distribution again when attention dropout scaled it or padding was not masked.
     """
     real_probs = torch.where(real[:, None, None, :], probs, 0.0)
     row_sums = real_probs.sum(dim=-1, keepdim=True)
-    tiny = torch.finfo(torch.float32).tiny
-    return real_probs.clamp_min(tiny).log() - row_sums.clamp_min(tiny).log()
+    return real_probs.clamp_min(floor).log() - row_sums.clamp_min(floor).log()
+
+
+def _probability_floor(attention: torch.Tensor) -> float:
+    """The smallest normal number of the maps' dtype: 6e-5 for float16, 1e-38 for bfloat16 and float32.
+
+    The gradient of log p is 1/p, cast back to the maps' dtype; from float16 maps it overflows (inf) once p < 1.5e-5,
+    and below 6e-5 float16 has lost precision anyway, so such probabilities count as the floor (zero gradient).
+    """
+    return torch.finfo(attention.dtype).tiny
 
 
 def attention_relation_loss(
@@ -295,7 +304,8 @@ def attention_relation_loss(
     Each row is renormalised over real keys (which undoes attention dropout's rescaling), and the KL is averaged
     over heads and real query positions, then over examples. When the head counts differ both attentions are
     averaged over heads first.
-    MiniLM applies it to the last layer.
+    MiniLM applies it to the last layer. Probabilities below the smallest normal number of their dtype count as
+    that number, which keeps the gradient of float16 maps finite.
 
     Args:
         student_attention: `(batch, student_heads, seq_len, seq_len)` post-softmax probabilities.
@@ -308,7 +318,9 @@ def attention_relation_loss(
     student, teacher = _match_heads(student_attention, teacher_attention)
     real = _real_token_mask(attention_mask, student.shape[:1] + student.shape[2:3], "attention_relation_loss")
     return _row_kl_over_real_keys(
-        _log_probs_over_real_keys(teacher, real), _log_probs_over_real_keys(student, real), real
+        _log_probs_over_real_keys(teacher, real, _probability_floor(teacher_attention)),
+        _log_probs_over_real_keys(student, real, _probability_floor(student_attention)),
+        real,
     )
 
 

@@ -2,6 +2,8 @@
 
 import dataclasses
 import enum
+import json
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -21,7 +23,8 @@ ALIGNMENT_WEIGHTS = (
 )
 
 
-@dataclass
+# repr=False keeps TrainingArguments' __repr__, which masks the Hub token; a generated one would print it.
+@dataclass(repr=False)
 class DistillationTrainingArguments(TrainingArguments):
     r"""
     Arguments for [`DistillationTrainer`]. Every [`~transformers.TrainingArguments`] field is accepted as well.
@@ -200,11 +203,13 @@ class DistillationTrainingArguments(TrainingArguments):
     _VALID_DICT_FIELDS: ClassVar[list[str]] = [*TrainingArguments._VALID_DICT_FIELDS, "layer_map"]
 
     def __post_init__(self):
+        _check_layer_map_json(self.layer_map)  # TrainingArguments parses it, with a bare JSONDecodeError
         super().__post_init__()
         if self.student_temperature is None:
             self.student_temperature = self.temperature
-        _check(self.temperature > 0, "temperature", self.temperature, "> 0")
-        _check(self.student_temperature > 0, "student_temperature", self.student_temperature, "> 0")
+        for name in ("temperature", "student_temperature"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, name, value, "> 0 and finite")
         _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
         _check(self.distillation_loss in DISTILLATION_LOSSES, "distillation_loss", self.distillation_loss,
                f"one of {DISTILLATION_LOSSES}")
@@ -237,6 +242,11 @@ class DistillationTrainingArguments(TrainingArguments):
             values[training_field.name] = value
         return cls(**values)
 
+    def __getstate__(self) -> dict:
+        """The pickled state, without tokens: Trainer pickles the arguments into `training_args.bin` in every
+        checkpoint and saved model, which `push_to_hub` uploads. The live object keeps its `hub_token` (so does a
+        `dataclasses.replace` copy; a `copy.deepcopy` one does not)."""
+        return {name: None if name.endswith("_token") else value for name, value in self.__dict__.items()}
 
     def intermediate_stage(self, num_train_epochs: float) -> "DistillationTrainingArguments":
         """TinyBERT's first stage: these arguments on the alignment losses only, for `num_train_epochs`.
@@ -259,6 +269,17 @@ class DistillationTrainingArguments(TrainingArguments):
     def uses_alignment(self) -> bool:
         """Whether any intermediate-layer loss is on (the teacher then runs online)."""
         return any(getattr(self, name) > 0 for name in ALIGNMENT_WEIGHTS)
+
+
+def _check_layer_map_json(layer_map) -> None:
+    if isinstance(layer_map, str) and layer_map.startswith("{"):
+        try:
+            json.loads(layer_map)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"DistillationTrainingArguments.layer_map={layer_map!r} is not valid JSON ({error}): give a JSON "
+                """dict of 1-based layers with quoted keys, e.g. '{"1": 2, "2": 4}', or 'uniform' or 'last'."""
+            ) from None
 
 
 def _check(condition: bool, name: str, value, allowed: str) -> None:

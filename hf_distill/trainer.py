@@ -24,12 +24,14 @@ from .alignment import (
 )
 from .arguments import ALIGNMENT_WEIGHTS, DistillationTrainingArguments
 from .cache import cache_teacher_logits, check_teacher_columns, distribution_width, teacher_columns
+from .checkpoints import last_complete_checkpoint
 from .collator import TeacherColumnsCollator
 from .heads import DENSE, TOPK, DistillationHead, TopKTarget, Units, head_for
 from .hooks import capture_outputs, value_projections
 from .losses import chunked_per_row, divergence_per_row, label_loss_per_row, mse_per_row, sparse_divergence_per_row
 from .model_card import build_model_card
-from .teacher import freeze_teacher, place_teacher, use_eager_attention
+from .teacher import check_teacher_logits_finite, freeze_teacher, place_teacher, use_eager_attention
+from .validation import check_distillation_inputs
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
 logger = logging.get_logger(__name__)
@@ -137,7 +139,8 @@ class DistillationTrainer(Trainer):
         model: the student (a `PreTrainedModel` or a PEFT model).
         args: [`DistillationTrainingArguments`]; a plain `TrainingArguments` gets the distillation defaults.
         teacher_model: optional teacher sharing the student's label space and tokenizer. It is frozen (a PEFT
-            teacher is merged first), placed by accelerate, never wrapped in DDP and never saved.
+            teacher is merged first, in place: the `PeftModel` passed in loses its adapter), placed by accelerate,
+            never wrapped in DDP and never saved.
         Every other argument is [`~transformers.Trainer`]'s.
     """
 
@@ -181,6 +184,8 @@ class DistillationTrainer(Trainer):
             # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
             # nothing.
             self.head = head_for(model, args.distillation_head)
+            check_distillation_inputs(model, teacher_model, self.head, args, train_dataset, eval_dataset,
+                                      processing_class)
             if teacher_model is not None:
                 self.head.num_classes = check_compatible(model, teacher_model, self.head, processing_class)
                 teacher_model = freeze_teacher(teacher_model)
@@ -191,6 +196,10 @@ class DistillationTrainer(Trainer):
             self.distillation_loss = self._resolve_distillation_loss(model, args)
             if args.uses_alignment:
                 model = self._setup_alignment(model, args)
+            # Every given teacher column is checked before any cache is built: a bad eval set fails first.
+            for dataset in (train_dataset, *eval_datasets):
+                if isinstance(dataset, datasets.Dataset) and self._has_teacher_columns(dataset, args):
+                    self._check_teacher_columns(dataset, args)
             train_dataset = self._with_teacher_outputs(train_dataset, "train", args, processing_class)
             if isinstance(eval_dataset, dict):
                 eval_dataset = {
@@ -319,9 +328,7 @@ class DistillationTrainer(Trainer):
         if len(dataset) == 0:
             raise ValueError(f"The {name} dataset is empty: give it at least one example.")
         if self._has_teacher_columns(dataset, args):
-            check_teacher_columns(dataset, self.head, args.teacher_logits_column, self._num_classes,
-                                  self._top_k if self.head.cache_layout == TOPK else None)
-            return dataset
+            return dataset  # checked in __init__
         if self.teacher_model is None:
             raise ValueError(
                 f"The {name} dataset has no '{args.teacher_logits_column}' column and no teacher_model was given. "
@@ -347,6 +354,10 @@ class DistillationTrainer(Trainer):
             top_k=args.teacher_cache_top_k,
             temperature=args.temperature,
         )
+
+    def _check_teacher_columns(self, dataset, args: DistillationTrainingArguments) -> None:
+        check_teacher_columns(dataset, self.head, args.teacher_logits_column, self._num_classes,
+                              self._top_k if self.head.cache_layout == TOPK else None)
 
     def _set_signature_columns_if_needed(self):
         if self.head is None:
@@ -409,6 +420,8 @@ class DistillationTrainer(Trainer):
             teacher_views = head.cached_targets(cached, units, inputs)
         else:
             teacher_views = head.kd_logits(teacher_outputs, units, inputs)
+            for view in teacher_views:
+                check_teacher_logits_finite(view, self.teacher_model)
 
         row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
         if sample_weight is not None:
@@ -759,22 +772,34 @@ class DistillationTrainer(Trainer):
             super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        # The projections go first: Trainer rotates old checkpoints out at the end of its save, and writes
+        # trainer_state.json (what makes a checkpoint complete, see last_complete_checkpoint) just before.
         wrapper = self.accelerator.unwrap_model(self.model)
         if isinstance(wrapper, DistillWrapper) and self.args.should_save:
             checkpoint_dir = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            os.makedirs(checkpoint_dir, exist_ok=True)
             state = {name: value.detach().contiguous() for name, value in wrapper.projections.state_dict().items()}
             save_file(state, os.path.join(checkpoint_dir, PROJECTIONS_FILE))
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        if resume_from_checkpoint is True:  # Trainer would take the newest folder, even one a kill left half-written
+            needs_projections = isinstance(self.accelerator.unwrap_model(self.model), DistillWrapper)
+            resume_from_checkpoint = last_complete_checkpoint(
+                self.args.output_dir, (PROJECTIONS_FILE,) if needs_projections else ()
+            )
+        return super().train(resume_from_checkpoint, trial, **kwargs)
 
     def _load_projections(self, checkpoint_dir: str, wrapper: DistillWrapper) -> None:
         path = os.path.join(checkpoint_dir, PROJECTIONS_FILE)
         if not os.path.isfile(path):
             raise ValueError(
-                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: it was not written by a "
-                "DistillationTrainer with the same width projections, so resuming would restart them from scratch. "
-                "Resume from a checkpoint of this run, or start a new run."
+                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: its save was interrupted, or it was not "
+                "written by a DistillationTrainer with the same width projections, so resuming would restart them "
+                "from scratch. Resume from an earlier, complete checkpoint of this run (resume_from_checkpoint=True "
+                "finds it), or start a new run."
             )
         wrapper.projections.load_state_dict(load_file(path, device=str(next(wrapper.parameters()).device)))
 

@@ -37,6 +37,7 @@ from hf_distill.report import (
     write_report,
 )
 from hf_distill.student_init import init_student_from_teacher
+from hf_distill.validation import check_tokenizer_vocabulary
 
 logger = logging.get_logger("hf_distill.recipes.glue")
 RUN_RECORD = "hf_distill_run.json"
@@ -104,6 +105,11 @@ class DataArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
 
     def __post_init__(self):
+        if self.max_seq_length < 1:
+            raise ValueError(
+                f"--max_seq_length is the number of tokens kept per example and must be >= 1, got "
+                f"{self.max_seq_length}; 128 suits GLUE."
+            )
         if self.augment_copies < 0:
             raise ValueError(f"--augment_copies must be 0 (off) or more, got {self.augment_copies}.")
         if not 0 < self.augment_word_prob <= 1:
@@ -142,8 +148,8 @@ def parse_args(argv):
     return parser.parse_args_into_dataclasses(argv)
 
 
-def claim_output_dir(output_dir: str, run_record: dict, overwrite: bool, is_main: bool) -> None:
-    """Refuse an output_dir that holds another run; record this run's settings in it."""
+def check_output_dir(output_dir: str, run_record: dict, overwrite: bool) -> None:
+    """Refuse an output_dir that holds another run (writes nothing)."""
     record_path = os.path.join(output_dir, RUN_RECORD)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         previous = None
@@ -156,6 +162,12 @@ def claim_output_dir(output_dir: str, run_record: dict, overwrite: bool, is_main
                 f"--output_dir {output_dir} already holds {what}. Choose a new --output_dir, or pass "
                 "--overwrite_output_dir to replace it."
             )
+
+
+def claim_output_dir(output_dir: str, run_record: dict, overwrite: bool, is_main: bool) -> None:
+    """Refuse an output_dir that holds another run; record this run's settings in it."""
+    check_output_dir(output_dir, run_record, overwrite)
+    record_path = os.path.join(output_dir, RUN_RECORD)
     if is_main:
         if overwrite and os.path.isdir(output_dir):
             shutil.rmtree(output_dir)
@@ -226,9 +238,10 @@ def report_row(name, model, model_path, metrics, task, examples_per_second):
 def main(argv=None):
     model_args, data_args, recipe_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
     task = get_task(data_args.task_name)
-    # The recipe pushes the finished student itself, with its card, at the end: no Trainer of it pushes.
-    push_to_hub = training_args.push_to_hub
-    training_args = dataclasses.replace(training_args, push_to_hub=False)
+    # The recipe pushes the finished student itself, with its card, at the end: no Trainer of it pushes, and the
+    # token stays out of every arguments object the Trainers save.
+    push_to_hub, hub_token = training_args.push_to_hub, training_args.hub_token
+    training_args = dataclasses.replace(training_args, push_to_hub=False, hub_token=None)
     datasets.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     output_dir = training_args.output_dir
@@ -237,9 +250,9 @@ def main(argv=None):
         "data": dataclasses.asdict(data_args),
         "recipe": {k: v for k, v in dataclasses.asdict(recipe_args).items() if k != "overwrite_output_dir"},
     }
-    claim_output_dir(output_dir, run_record, recipe_args.overwrite_output_dir, training_args.process_index == 0)
+    check_output_dir(output_dir, run_record, recipe_args.overwrite_output_dir)
 
-    # Data and tokenizer: every check before any training.
+    # Data, tokenizer and models: every check before the output_dir is claimed, so a corrected rerun may reuse it.
     raw = load_glue_data(
         task,
         dataset_name=data_args.dataset_name,
@@ -271,6 +284,9 @@ def main(argv=None):
     collator = DataCollatorWithPadding(tokenizer)
     compute_metrics = make_compute_metrics(task)
     teacher, head_is_new = load_classifier(model_args.teacher_model_name_or_path, task)
+    check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
+    check_max_seq_length(data_args.max_seq_length, teacher.config)
+    claim_output_dir(output_dir, run_record, recipe_args.overwrite_output_dir, training_args.process_index == 0)
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(output_dir, "teacher")
@@ -420,14 +436,24 @@ def main(argv=None):
     card.save(os.path.join(student_dir, "README.md"))
 
     if push_to_hub:
-        push_student(student_dir, training_args)
+        push_student(student_dir, training_args, hub_token)
 
 
-def push_student(student_dir: str, training_args) -> None:
+def check_max_seq_length(max_seq_length: int, config) -> None:
+    """Refuse a length the models' position embeddings do not reach."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max_seq_length > positions:
+        raise ValueError(
+            f"--max_seq_length {max_seq_length} exceeds the teacher's {positions} position embeddings: longer "
+            f"examples would index past them. Use --max_seq_length {positions} or less."
+        )
+
+
+def push_student(student_dir: str, training_args, hub_token: str | None) -> None:
     """Upload the student folder (no teacher, no projections, no cache); a failure leaves the local output intact."""
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
     try:
-        api = HfApi(token=training_args.hub_token)
+        api = HfApi(token=hub_token)
         repo_id = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
         api.upload_folder(
             repo_id=repo_id, folder_path=student_dir, ignore_patterns=["_*", "checkpoint-*", "*.bin.tmp"]

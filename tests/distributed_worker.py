@@ -182,7 +182,8 @@ def scenario_cached(workdir) -> dict:
         model=student, args=args, train_dataset=train, processing_class=tokenizer, data_collator=collator,
         teacher_model=teacher, callbacks=[start],
     )
-    cache_listing = sorted(os.listdir(args.teacher_cache_dir))
+    # The cache's lock file (.<name>.lock) stays beside it by design; every other entry must be a complete cache.
+    cache_listing = sorted(name for name in os.listdir(args.teacher_cache_dir) if not name.endswith(".lock"))
     trainer.train()
     return {
         **common_results(trainer, collator),
