@@ -243,6 +243,9 @@ def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: floa
     log_probs = torch.log_softmax(values["logits"].float() / temperature, dim=-1)
     topk_log_probs, topk_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
     rest = (1.0 - topk_log_probs.exp().sum(-1)).clamp_min(0.0)
+    if topk_ids.shape[-1] == log_probs.shape[-1]:
+        # Nothing lies outside: a rounding residue would be a teacher mass where the student has none (KL = inf).
+        rest = torch.zeros_like(rest)
     return {"ids": topk_ids.int(), "log_probs": topk_log_probs, "rest": rest}
 
 
@@ -381,6 +384,13 @@ def cache_teacher_logits(
         raise ValueError(
             f"The dataset has no '{missing[0]}' column (columns: {dataset.column_names}); "
             f"{'tokenize' if missing[0] == 'input_ids' else 'process'} it before caching teacher outputs."
+        )
+    if head.length_column is not None and head.length_column not in dataset.column_names:
+        # Checked before the teacher runs: a seq2seq teacher without labels would decode from its own inputs.
+        raise ValueError(
+            f"The dataset has no '{head.length_column}' column (columns: {dataset.column_names}): a {head.name} "
+            f"cache holds the teacher's outputs at every '{head.length_column}' position. Give every example its "
+            f"'{head.length_column}' (for unlabelled text, the teacher's own generations) before caching."
         )
     if dataset.format["type"] == "custom":
         raise ValueError(
