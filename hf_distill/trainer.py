@@ -361,6 +361,8 @@ class DistillationTrainer(Trainer):
             return self.head.num_classes
         if self.head.name == "question_answering":
             return 2
+        if self._model_config is not None and self.head.cache_layout == TOPK:  # top-k ids index the vocabulary
+            return self._model_config.get_text_config().vocab_size
         return None if self._model_config is None else self._model_config.num_labels
 
     def _set_signature_columns_if_needed(self):
