@@ -51,7 +51,7 @@ def reference_loss(student, teacher, dataset, alpha, temperature):
 def make_trainer(tmp_path, tokenizer, student, teacher=None, train=None, eval_dataset=None, **overrides):
     return DistillationTrainer(
         model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=train,
-        eval_dataset=eval_dataset, processing_class=tokenizer, compute_metrics=overrides.pop("compute_metrics", None),
+        eval_dataset=eval_dataset, processing_class=tokenizer,
     )
 
 
