@@ -425,7 +425,7 @@ class DistillationTrainer(Trainer):
         if cached:
             teacher_views = head.cached_targets(cached, units, inputs)
         else:
-            teacher_views = head.kd_logits(teacher_outputs, units, inputs)
+            teacher_views = head.teacher_kd_logits(teacher_outputs, units, inputs)
 
         row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
         if sample_weight is not None:
