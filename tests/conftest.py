@@ -163,7 +163,14 @@ def tiny_deit_with_teacher(hidden_size=32, num_layers=2, num_labels=NUM_LABELS, 
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
     torch.manual_seed(seed)
-    return DeiTForImageClassificationWithTeacher(DeiTConfig(**_vit_config_kwargs(hidden_size, num_layers, num_labels)))
+    model = DeiTForImageClassificationWithTeacher(DeiTConfig(**_vit_config_kwargs(hidden_size, num_layers, num_labels)))
+    # transformers initialises both tokens and the position embeddings to zeros: the two tokens then start identical
+    # and the first layer norm sees a constant vector (first-step gradient norms ~1e4). Pretrained weights differ.
+    with torch.no_grad():
+        for parameter in (model.deit.embeddings.cls_token, model.deit.embeddings.distillation_token,
+                          model.deit.embeddings.position_embeddings):
+            parameter.normal_(std=0.02)
+    return model
 
 
 def _random_lengths(rng, num_examples, min_length, max_length):
