@@ -242,10 +242,8 @@ def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: floa
         return values
     log_probs = torch.log_softmax(values["logits"].float() / temperature, dim=-1)
     topk_log_probs, topk_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-    rest = (1.0 - topk_log_probs.exp().sum(-1)).clamp_min(0.0)
-    if topk_ids.shape[-1] == log_probs.shape[-1]:
-        # Nothing lies outside: a rounding residue would be a teacher mass where the student has none (KL = inf).
-        rest = torch.zeros_like(rest)
+    # Summed outside the top k rather than 1 - sum(top k): exact, and exactly 0 when k covers the vocabulary.
+    rest = torch.logsumexp(log_probs.scatter(-1, topk_ids, -torch.inf), dim=-1).exp()
     return {"ids": topk_ids.int(), "log_probs": topk_log_probs, "rest": rest}
 
 
