@@ -388,6 +388,13 @@ def cache_teacher_logits(
             f"The dataset has no '{missing[0]}' column (columns: {dataset.column_names}); "
             f"{'tokenize' if missing[0] == 'input_ids' else 'process'} it before caching teacher outputs."
         )
+    if head.length_column is not None and head.length_column not in dataset.column_names:
+        # Checked before the teacher runs: a seq2seq teacher without labels would decode from its own inputs.
+        raise ValueError(
+            f"The dataset has no '{head.length_column}' column (columns: {dataset.column_names}): a {head.name} "
+            f"cache holds the teacher's outputs at every '{head.length_column}' position. Give every example its "
+            f"'{head.length_column}' (for unlabelled text, the teacher's own generations) before caching."
+        )
     if dataset.format["type"] == "custom":
         raise ValueError(
             "The dataset transforms its rows on access (set_transform / with_transform): a cached teacher output "

@@ -184,10 +184,11 @@ class DistillationTrainer(Trainer):
             # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
             # nothing.
             self.head = head_for(model, args.distillation_head)
+            if teacher_model is not None:
+                self.head.num_classes = check_compatible(model, teacher_model, self.head, processing_class)
             check_distillation_inputs(model, teacher_model, self.head, args, train_dataset, eval_dataset,
                                       processing_class)
             if teacher_model is not None:
-                self.head.num_classes = check_compatible(model, teacher_model, self.head, processing_class)
                 teacher_model = freeze_teacher(teacher_model)
             #: Classes per distribution; the top-k width is at most this.
             self._num_classes = distribution_width(_config(model), self.head)
@@ -419,7 +420,7 @@ class DistillationTrainer(Trainer):
         if cached:
             teacher_views = head.cached_targets(cached, units, inputs)
         else:
-            teacher_views = head.kd_logits(teacher_outputs, units, inputs)
+            teacher_views = head.teacher_kd_logits(teacher_outputs, units, inputs)
             for view in teacher_views:
                 check_teacher_logits_finite(view, self.teacher_model)
 

@@ -228,3 +228,173 @@ class PadCollator:
             name: torch.tensor([feature[name] + [pad] * (width - len(feature[name])) for feature in features])
             for name, pad in (("input_ids", 0), ("attention_mask", 0), ("labels", -100))
         }
+
+
+# ---- tiny models and datasets of the other heads (token classification, QA, seq2seq, images) ----
+
+IMAGE_SIZE = 8
+
+
+def distill_args(tmp_path, **overrides):
+    """`DistillationTrainingArguments` for short CPU runs that log every step and save nothing."""
+    from hf_distill import DistillationTrainingArguments
+
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=64,
+        learning_rate=1e-3, num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        seed=0, teacher_cache_dir=str(tmp_path / "cache"), disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return DistillationTrainingArguments(**defaults)
+
+
+def _bert_config(hidden_size, num_layers, num_labels, **config_kwargs):
+    return BertConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+        intermediate_size=2 * hidden_size, max_position_embeddings=64, num_labels=num_labels,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config_kwargs,
+    )
+
+
+def tiny_bert_token(hidden_size=32, num_layers=2, num_labels=NUM_LABELS, seed=0):
+    """A random `BertForTokenClassification`, dropout off."""
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(seed)
+    return BertForTokenClassification(_bert_config(hidden_size, num_layers, num_labels))
+
+
+def tiny_bert_qa(hidden_size=32, num_layers=2, seed=0):
+    """A random `BertForQuestionAnswering`, dropout off."""
+    from transformers import BertForQuestionAnswering
+
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(_bert_config(hidden_size, num_layers, 2))
+
+
+def tiny_bart(d_model=32, num_layers=2, seed=0):
+    """A random `BartForConditionalGeneration` over `VOCAB_SIZE` tokens (pad 0, bos 2, eos 3), dropout off."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=VOCAB_SIZE, d_model=d_model, encoder_layers=num_layers, decoder_layers=num_layers,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * d_model,
+        decoder_ffn_dim=2 * d_model, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=3,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config)
+
+
+def _vit_config_kwargs(hidden_size, num_layers, num_labels):
+    return dict(
+        image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, intermediate_size=2 * hidden_size, num_labels=num_labels, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def tiny_vit(hidden_size=32, num_layers=2, num_labels=NUM_LABELS, seed=0):
+    """A random `ViTForImageClassification` on 3x8x8 images (4 patches), dropout off."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(**_vit_config_kwargs(hidden_size, num_layers, num_labels)))
+
+
+def tiny_deit_with_teacher(hidden_size=32, num_layers=2, num_labels=NUM_LABELS, seed=0):
+    """A random `DeiTForImageClassificationWithTeacher` on 3x8x8 images, dropout off."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(seed)
+    model = DeiTForImageClassificationWithTeacher(DeiTConfig(**_vit_config_kwargs(hidden_size, num_layers, num_labels)))
+    # transformers initialises both tokens and the position embeddings to zeros: the two tokens then start identical
+    # and the first layer norm sees a constant vector (first-step gradient norms ~1e4). Pretrained weights differ.
+    with torch.no_grad():
+        for parameter in (model.deit.embeddings.cls_token, model.deit.embeddings.distillation_token,
+                          model.deit.embeddings.position_embeddings):
+            parameter.normal_(std=0.02)
+    return model
+
+
+def _random_lengths(rng, num_examples, min_length, max_length):
+    return rng.integers(min_length, max_length + 1, size=num_examples)
+
+
+def token_dataset(num_examples=32, num_labels=NUM_LABELS, min_length=4, max_length=12, seed=0):
+    """Tokenized examples with per-token `labels`: -100 on the special tokens and on a random fifth of the words,
+    and every fourth example wholly unlabelled (all -100)."""
+    rng = np.random.default_rng(seed)
+    columns = {"input_ids": [], "attention_mask": [], "labels": []}
+    for index, length in enumerate(_random_lengths(rng, num_examples, min_length, max_length)):
+        words = length - 2
+        labels = rng.integers(0, num_labels, size=words)
+        labels[rng.random(words) < 0.2] = -100
+        if index % 4 == 3:
+            labels[:] = -100
+        columns["input_ids"].append([2, *rng.integers(5, VOCAB_SIZE, size=words).tolist(), 3])
+        columns["attention_mask"].append([1] * int(length))
+        columns["labels"].append([-100, *labels.tolist(), -100])
+    return Dataset.from_dict(columns)
+
+
+def qa_dataset(num_examples=32, min_length=6, max_length=14, seed=0):
+    """Tokenized examples with an answer span `start_positions <= end_positions` inside each sequence."""
+    rng = np.random.default_rng(seed)
+    columns = {"input_ids": [], "attention_mask": [], "start_positions": [], "end_positions": []}
+    for length in _random_lengths(rng, num_examples, min_length, max_length):
+        start = int(rng.integers(1, length - 1))
+        columns["input_ids"].append([2, *rng.integers(5, VOCAB_SIZE, size=length - 2).tolist(), 3])
+        columns["attention_mask"].append([1] * int(length))
+        columns["start_positions"].append(start)
+        columns["end_positions"].append(int(rng.integers(start, length - 1)))
+    return Dataset.from_dict(columns)
+
+
+def seq2seq_dataset(num_examples=32, min_length=4, max_length=10, seed=0, with_labels=True):
+    """Source `input_ids` and target `labels` (ending in eos 3) of random, different lengths."""
+    rng = np.random.default_rng(seed)
+    columns = {"input_ids": [], "attention_mask": [], "labels": []}
+    for source_length, target_length in zip(
+        _random_lengths(rng, num_examples, min_length, max_length),
+        _random_lengths(rng, num_examples, min_length - 1, max_length - 2),
+    ):
+        columns["input_ids"].append([*rng.integers(5, VOCAB_SIZE, size=source_length - 1).tolist(), 3])
+        columns["attention_mask"].append([1] * int(source_length))
+        columns["labels"].append([*rng.integers(5, VOCAB_SIZE, size=target_length - 1).tolist(), 3])
+    if not with_labels:
+        del columns["labels"]
+    return Dataset.from_dict(columns)
+
+
+def image_dataset(num_examples=32, num_labels=NUM_LABELS, seed=0, unlabelled_every=4):
+    """Random 3x8x8 `pixel_values` and integer `labels`, every `unlabelled_every`-th example labelled -100."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_labels, size=num_examples)
+    if unlabelled_every:
+        labels[unlabelled_every - 1 :: unlabelled_every] = -100
+    pixels = rng.standard_normal((num_examples, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    return Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": labels.tolist()})
+
+
+def reference_kl_rows(student_logits, teacher_logits, temperature):
+    """KL(softmax(teacher / T) || softmax(student / T)) * T² per row of `(rows, classes)` numpy logits, by scipy."""
+    from scipy.special import log_softmax, rel_entr
+
+    p = np.exp(log_softmax(np.asarray(teacher_logits, dtype=np.float64) / temperature, axis=-1))
+    q = np.exp(log_softmax(np.asarray(student_logits, dtype=np.float64) / temperature, axis=-1))
+    return rel_entr(p, q).sum(axis=-1) * temperature**2
+
+
+def reference_ce_rows(logits, targets):
+    """Cross-entropy per row of `(rows, classes)` numpy logits against integer `targets` `(rows,)`."""
+    from scipy.special import log_softmax
+
+    log_probs = log_softmax(np.asarray(logits, dtype=np.float64), axis=-1)
+    return -log_probs[np.arange(len(targets)), np.asarray(targets)]
+
+
+def train_logs(trainer, keys=("loss", "grad_norm", "loss_kd", "loss_ce")):
+    """`(steps, len(keys))` of the training logs of `trainer.train()`, one row per logged step."""
+    return np.array([[log[key] for key in keys] for log in trainer.state.log_history if "loss" in log])

@@ -5,6 +5,8 @@ The trainer and the cache ask a head; neither names a task. A head answers, for 
   token-level ones: `kd` (the distillation term) and `labelled` (the label term, a subset of `kd`);
 - `kd_logits(outputs, units, inputs)`: the tensors that carry a distribution, one or more *views*, each
   `(rows, classes)` over the `kd` units in row-major order (two views, start and end, for extractive QA);
+- `teacher_kd_logits(teacher_outputs, units, inputs)`: the online teacher's views (`kd_logits` unless the student's
+  distribution sits elsewhere, as DeiT's distillation token);
 - `label_views(outputs, labels, units, inputs)`: `(logits, targets)` pairs over the same rows for the label term;
 - `cached_targets(columns, units)`: the teacher's views read back from the cache columns;
 - `cache_values(teacher_outputs, inputs)`: what the cache stores per example.

@@ -90,6 +90,10 @@ class DistillationHead:
         """The distribution-carrying logits at the `kd` units: one `(rows, classes)` tensor per view."""
         return [self._classes(outputs.logits[units.kd])]
 
+    def teacher_kd_logits(self, teacher_outputs, units: Units, inputs: dict) -> list[torch.Tensor]:
+        """The online teacher's views, matching `kd_logits` and what `cache_values` stores."""
+        return self.kd_logits(teacher_outputs, units, inputs)
+
     def label_views(self, outputs, units: Units, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`(logits (rows, classes), targets (rows,))` per view, over the `kd` units."""
         return [(self._classes(outputs.logits[units.kd]), units.label_targets[units.kd])]

@@ -26,5 +26,9 @@ class DeiTWithTeacherHead(ImageClassificationHead):
     def kd_logits(self, outputs, units: Units, inputs: dict):
         return [self._classes(outputs.distillation_logits[units.kd])]
 
+    def teacher_kd_logits(self, teacher_outputs, units: Units, inputs: dict):
+        # The teacher's prediction is its `logits` (a ViT's, or a DeiT teacher's averaged ones), as cached.
+        return [self._classes(teacher_outputs.logits[units.kd])]
+
     def label_views(self, outputs, units: Units, inputs: dict):
         return [(self._classes(outputs.cls_logits[units.kd]), units.label_targets[units.kd])]

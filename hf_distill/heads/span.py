@@ -29,7 +29,14 @@ class QuestionAnsweringHead(DistillationHead):
         start, end = labels.get("start_positions"), labels.get("end_positions")
         if start is None or end is None:
             return Units(kd, torch.zeros_like(kd), None)
-        return Units(kd, torch.ones_like(kd), torch.stack([start.reshape(-1), end.reshape(-1)], dim=-1))
+        positions = torch.stack([start.reshape(-1), end.reshape(-1)], dim=-1).long()
+        # An answer outside the example's real tokens (truncated away) gets no label term, as in transformers'
+        # ForQuestionAnsweringLoss; at a padding position its logit is masked, so its cross-entropy would be ~1e37.
+        real = token_mask(inputs)
+        inside = (positions >= 0) & (positions < real.shape[1])
+        at_token = real.gather(1, positions.clamp(0, real.shape[1] - 1)) & inside
+        labelled = at_token.all(dim=-1)
+        return Units(kd, labelled, positions.masked_fill(~labelled[:, None], -100))
 
     def kd_logits(self, outputs, units: Units, inputs: dict) -> list[torch.Tensor]:
         return [_mask_padding(logits, inputs)[units.kd] for logits in (outputs.start_logits, outputs.end_logits)]
@@ -37,9 +44,7 @@ class QuestionAnsweringHead(DistillationHead):
     def label_views(self, outputs, units: Units, inputs: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
         views = []
         for index, logits in enumerate((outputs.start_logits, outputs.end_logits)):
-            positions = units.label_targets[units.kd][:, index].long()
-            # Answers outside the (truncated) window are ignored, as in transformers' ForQuestionAnsweringLoss.
-            positions = positions.masked_fill((positions < 0) | (positions >= logits.shape[1]), -100)
+            positions = units.label_targets[units.kd][:, index]  # -100 where units() found no answer
             views.append((_mask_padding(logits, inputs)[units.kd], positions))
         return views
 
