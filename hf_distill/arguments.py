@@ -10,6 +10,7 @@ from typing import ClassVar
 from transformers import TrainingArguments
 
 DISTILLATION_LOSSES = ("auto", "kl", "reverse_kl", "jsd", "mse")
+TEACHER_ENSEMBLES = ("mean_probs", "mean_logits")
 TOPK_TAILS = ("rest", "renormalise")
 CACHE_DTYPES = ("float16", "float32")
 # Alignment-loss weight fields, each a term `loss_<name without _loss_weight>` in the logs.
@@ -54,6 +55,13 @@ class DistillationTrainingArguments(TrainingArguments):
         logits_loss_weight (`float`, defaults to `1.0`):
             Weight of the whole prediction-layer term; `0` trains on the alignment losses only (TinyBERT's
             intermediate stage).
+
+    Parameters that control several teachers (`teacher_model` a list or a dict):
+        teacher_weights (`list[float]` or `None`, defaults to `None`):
+            One weight per teacher, in the order given; `None` weighs them equally.
+        teacher_ensemble (`str`, defaults to `"mean_probs"`):
+            The target: `"mean_probs"`, the weighted mean of the teachers' temperature-softened distributions, or
+            `"mean_logits"`, the weighted mean of their logits (TextBrewer's choice; sharper).
 
     Parameters that control intermediate-layer alignment (the teacher then runs online; 0 turns a loss off):
         hidden_loss_weight (`float`, defaults to `0.0`):
@@ -131,6 +139,15 @@ class DistillationTrainingArguments(TrainingArguments):
     distillation_head: str | None = field(
         default=None,
         metadata={"help": "Which outputs carry the teacher's distribution; default: chosen from the student's class."},
+    )
+
+    teacher_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per teacher (several teachers); default: equal weights."}
+    )
+    teacher_ensemble: str = field(
+        default="mean_probs",
+        metadata={"help": "Target of several teachers: 'mean_probs' or 'mean_logits'.",
+                  "choices": list(TEACHER_ENSEMBLES)},
     )
 
     logits_loss_weight: float = field(
@@ -226,6 +243,11 @@ class DistillationTrainingArguments(TrainingArguments):
         _check(self.teacher_cache_max_tokens is None or self.teacher_cache_max_tokens >= 1,
                "teacher_cache_max_tokens", self.teacher_cache_max_tokens, ">= 1 or None")
         _check(self.topk_tail in TOPK_TAILS, "topk_tail", self.topk_tail, f"one of {TOPK_TAILS}")
+        _check(self.teacher_ensemble in TEACHER_ENSEMBLES, "teacher_ensemble", self.teacher_ensemble,
+               f"one of {TEACHER_ENSEMBLES}")
+        weights = self.teacher_weights or []
+        _check(all(math.isfinite(weight) and weight >= 0 for weight in weights) and (not weights or sum(weights) > 0),
+               "teacher_weights", self.teacher_weights, "finite, >= 0 and not all 0")
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments) -> "DistillationTrainingArguments":

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
+TEACHER_ENSEMBLES = ("mean_probs", "mean_logits")
 TOPK_TAILS = ("rest", "renormalise")
 
 
@@ -177,6 +178,28 @@ def sparse_divergence_per_row(
         teacher_buckets = teacher_buckets - torch.logsumexp(teacher_buckets, dim=-1, keepdim=True)
     divergence = divergence_from_log_probs(student_buckets, teacher_buckets, kind, beta)
     return divergence * (temperature * student_temperature)
+
+
+def ensemble_logits(
+    teacher_logits: list[torch.Tensor], weights: list[float], temperature: float = 1.0, mode: str = "mean_probs"
+) -> torch.Tensor:
+    """One target from several teachers' logits `(*rows, classes)`, as logits for the usual losses.
+
+    `"mean_probs"`: the weighted mean of the temperature-softened distributions, `sum_i w_i softmax(t_i / T)`,
+    returned as `T * log(...)` so that `softmax(result / T)` is exactly that mixture. `"mean_logits"`: the weighted
+    mean of the raw logits (TextBrewer's choice; a geometric mean of the distributions, sharper than the mixture).
+    Weights are normalised to sum to 1.
+    """
+    if mode not in TEACHER_ENSEMBLES:
+        raise ValueError(f"Unknown teacher ensemble {mode!r}: use one of {TEACHER_ENSEMBLES}.")
+    total = float(sum(weights))
+    if mode == "mean_logits":
+        return sum(weight / total * logits.float() for weight, logits in zip(weights, teacher_logits))
+    log_probs = torch.stack([
+        F.log_softmax(logits.float() / temperature, dim=-1) + math.log(weight / total)
+        for weight, logits in zip(weights, teacher_logits)
+    ])
+    return temperature * torch.logsumexp(log_probs, dim=0)
 
 
 def chunked_per_row(function, *row_tensors: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:

@@ -5,6 +5,7 @@ The teacher is never a submodule of the student: it is not in the optimizer, not
 """
 
 import copy
+import re
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +20,27 @@ logger = logging.get_logger(__name__)
 _BASE_MODEL_CLASSES = frozenset(
     name for names in MODEL_MAPPING_NAMES.values() for name in ((names,) if isinstance(names, str) else names)
 )
+
+
+def named_teachers(teacher_model) -> dict[str, nn.Module]:
+    """The teachers by name: `{"": teacher}` for one, `{"0": ..., "1": ...}` for a list, a dict as given.
+
+    The name suffixes each teacher's cache column (`teacher_logits_<name>`); the single teacher keeps the plain name.
+    """
+    if teacher_model is None:
+        return {}
+    if isinstance(teacher_model, nn.Module):
+        return {"": teacher_model}
+    teachers = dict(teacher_model) if isinstance(teacher_model, dict) else dict(enumerate(teacher_model))
+    teachers = {str(name): teacher for name, teacher in teachers.items()}
+    if not teachers or not all(isinstance(teacher, nn.Module) for teacher in teachers.values()):
+        raise ValueError(
+            "teacher_model must be a model, a non-empty list of models, or a dict {name: model}; got "
+            f"{type(teacher_model).__name__}."
+        )
+    if any(not re.fullmatch(r"[A-Za-z0-9_-]+", name) for name in teachers):
+        raise ValueError(f"Teacher names {list(teachers)} must be identifiers: they name the cache columns.")
+    return teachers
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:

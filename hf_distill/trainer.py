@@ -28,9 +28,22 @@ from .checkpoints import last_complete_checkpoint
 from .collator import TeacherColumnsCollator
 from .heads import DENSE, TOPK, DistillationHead, TopKTarget, Units, head_for
 from .hooks import capture_outputs, value_projections
-from .losses import chunked_per_row, divergence_per_row, label_loss_per_row, mse_per_row, sparse_divergence_per_row
+from .losses import (
+    chunked_per_row,
+    divergence_per_row,
+    ensemble_logits,
+    label_loss_per_row,
+    mse_per_row,
+    sparse_divergence_per_row,
+)
 from .model_card import build_model_card
-from .teacher import check_teacher_logits_finite, freeze_teacher, place_teacher, use_eager_attention
+from .teacher import (
+    check_teacher_logits_finite,
+    freeze_teacher,
+    named_teachers,
+    place_teacher,
+    use_eager_attention,
+)
 from .validation import check_distillation_inputs
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
@@ -109,6 +122,11 @@ def _named_labels(config) -> dict[int, str] | None:
     return id2label
 
 
+def _teacher_column(column: str, teacher_name: str) -> str:
+    """The cache column of a teacher: `column` for a single teacher, `column_<name>` for one of several."""
+    return f"{column}_{teacher_name}" if teacher_name else column
+
+
 def _base_model(model: nn.Module) -> nn.Module:
     """The transformers model under a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -138,7 +156,9 @@ class DistillationTrainer(Trainer):
     Args:
         model: the student (a `PreTrainedModel` or a PEFT model).
         args: [`DistillationTrainingArguments`]; a plain `TrainingArguments` gets the distillation defaults.
-        teacher_model: optional teacher sharing the student's label space and tokenizer. It is frozen (a PEFT
+        teacher_model: optional teacher sharing the student's label space and tokenizer, or several (a list, or a
+            dict name -> model; `args.teacher_weights` and `args.teacher_ensemble` combine them, each has its own
+            cache column `teacher_logits_<name>`, so adding a teacher never recomputes the others). It is frozen (a PEFT
             teacher is merged first, in place: the `PeftModel` passed in loses its adapter), placed by accelerate,
             never wrapped in DDP and never saved.
         Every other argument is [`~transformers.Trainer`]'s.
@@ -152,7 +172,7 @@ class DistillationTrainer(Trainer):
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        teacher_model: nn.Module | None = None,
+        teacher_model: nn.Module | list[nn.Module] | dict[str, nn.Module] | None = None,
         **kwargs,
     ):
         if args is None:
@@ -171,35 +191,43 @@ class DistillationTrainer(Trainer):
                 "the teacher's layers, so they need the teacher online: pass teacher_model=... to DistillationTrainer, "
                 "or set those weights to 0 to distil from cached logits only."
             )
+        teachers = named_teachers(teacher_model)
+        self._teacher_names = list(teachers) or [""]
         eval_datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
-        distilling = teacher_model is not None or any(
+        distilling = bool(teachers) or any(
             self._has_teacher_columns(dataset, args) for dataset in (train_dataset, *eval_datasets)
         )
         self.head: DistillationHead | None = None
-        self.teacher_model = None
-        self._teacher_prepared = False
+        #: The frozen teachers by name (`""` for a single one); `teacher_model` is the first.
+        self.teacher_models: dict[str, nn.Module] = {}
+        self._prepared_teachers: set[str] = set()
         self.layer_map: dict[int, int] = {}
         self._value_relation_heads = self._value_modules = None
         if model is not None and distilling:
             # Everything is checked, and caches built, before Trainer.__init__ creates output_dir: bad input writes
             # nothing.
             self.head = head_for(model, args.distillation_head)
-            if teacher_model is not None:
-                self.head.num_classes = check_compatible(model, teacher_model, self.head, processing_class)
-            check_distillation_inputs(model, teacher_model, self.head, args, train_dataset, eval_dataset,
-                                      processing_class)
-            if teacher_model is not None:
-                teacher_model = freeze_teacher(teacher_model)
+            self._check_teacher_set(teachers, args)
+            for teacher in teachers.values():
+                self.head.num_classes = check_compatible(model, teacher, self.head, processing_class)
+            for teacher in teachers.values() or [None]:
+                check_distillation_inputs(model, teacher, self.head, args, train_dataset, eval_dataset,
+                                          processing_class)
+            self.teacher_models = {name: freeze_teacher(teacher) for name, teacher in teachers.items()}
             #: Classes per distribution; the top-k width is at most this.
             self._num_classes = distribution_width(_config(model), self.head)
             self._top_k = min(args.teacher_cache_top_k, self._num_classes)
-            self.teacher_model = teacher_model
+            #: Each teacher's cache columns by field (`"logits"`, or the top-k fields).
+            self._teacher_column_names = {
+                name: teacher_columns(self.head.cache_layout, _teacher_column(args.teacher_logits_column, name))
+                for name in self._teacher_names
+            }
             self.distillation_loss = self._resolve_distillation_loss(model, args)
             if args.uses_alignment:
                 model = self._setup_alignment(model, args)
             # Every given teacher column is checked before any cache is built: a bad eval set fails first.
             for dataset in (train_dataset, *eval_datasets):
-                if isinstance(dataset, datasets.Dataset) and self._has_teacher_columns(dataset, args):
+                if isinstance(dataset, datasets.Dataset):
                     self._check_teacher_columns(dataset, args)
             train_dataset = self._with_teacher_outputs(train_dataset, "train", args, processing_class)
             if isinstance(eval_dataset, dict):
@@ -230,11 +258,12 @@ class DistillationTrainer(Trainer):
             # Trainer read the label names off the wrapper's class, or off a class that declares none (DeiT).
             self.label_names = find_labels(student_class) or list(self.head.default_label_names)
         self._student_keeps_logits = _accepts(self.student, "logits_to_keep")
-        self._teacher_keeps_logits = self.teacher_model is not None and _accepts(self.teacher_model, "logits_to_keep")
-        self._teacher_column_names = teacher_columns(self.head.cache_layout, args.teacher_logits_column)
+        self._teacher_keeps_logits = {name: _accepts(teacher, "logits_to_keep")
+                                      for name, teacher in self.teacher_models.items()}
         if self.head.cache_layout != DENSE:
             row_width = self._top_k if self.head.cache_layout == TOPK else self._num_classes
-            widths = {name: None if key == "rest" else row_width for key, name in self._teacher_column_names.items()}
+            widths = {column: None if key == "rest" else row_width
+                      for names in self._teacher_column_names.values() for key, column in names.items()}
             self.data_collator = TeacherColumnsCollator(
                 self.data_collator, widths, self.head.length_column,
                 getattr(processing_class, "padding_side", "right") or "right",
@@ -244,13 +273,40 @@ class DistillationTrainer(Trainer):
         self._step_totals = None
         self._keep_all_logits = False
 
-    @staticmethod
-    def _has_teacher_columns(dataset, args: DistillationTrainingArguments) -> bool:
-        names = getattr(dataset, "column_names", None) or []
-        return any(
-            name in names for layout in (DENSE, TOPK) for name in teacher_columns(layout, args.teacher_logits_column)
-            .values()
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The (first) teacher."""
+        return next(iter(self.teacher_models.values()), None)
+
+    def _has_teacher_columns(self, dataset, args: DistillationTrainingArguments, name: str | None = None) -> bool:
+        """Whether `dataset` holds the cache columns of teacher `name` (default: of every teacher)."""
+        columns = getattr(dataset, "column_names", None) or []
+        names = self._teacher_names if name is None else [name]
+        return all(
+            any(column in columns for layout in (DENSE, TOPK)
+                for column in teacher_columns(layout, _teacher_column(args.teacher_logits_column, teacher)).values())
+            for teacher in names
         )
+
+    def _check_teacher_set(self, teachers: dict, args: DistillationTrainingArguments) -> None:
+        """Refuse what several teachers cannot do (before any work)."""
+        if args.teacher_weights is not None and len(args.teacher_weights) != len(teachers):
+            raise ValueError(
+                f"teacher_weights has {len(args.teacher_weights)} weights for {len(teachers)} teacher(s): give one "
+                "weight per teacher, in the order of teacher_model."
+            )
+        if len(teachers) < 2:
+            return
+        if self.head.cache_layout == TOPK:
+            raise ValueError(
+                f"Several teachers are supported for heads with dense or per-token outputs, not for the "
+                f"{self.head.name} head's top-k targets: distil from one teacher."
+            )
+        if args.uses_alignment:
+            raise ValueError(
+                "Intermediate-layer losses pair the student's layers with one teacher's: with several teachers, set "
+                "the alignment weights to 0."
+            )
 
     @property
     def student(self) -> nn.Module:
@@ -330,20 +386,33 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"The {name} dataset is empty: give it at least one example.")
         if self._has_teacher_columns(dataset, args):
             return dataset  # checked in __init__
-        if self.teacher_model is None:
+        if not self.teacher_models:
             raise ValueError(
                 f"The {name} dataset has no '{args.teacher_logits_column}' column and no teacher_model was given. "
                 "Pass teacher_model=... to DistillationTrainer, or add the column with "
                 "hf_distill.cache_teacher_logits(teacher, dataset)."
             )
-        if not args.use_teacher_cache or args.uses_alignment:  # the teacher runs on every batch anyway
+        if not args.use_teacher_cache or args.uses_alignment:  # the teachers run on every batch anyway
             return dataset
-        self.teacher_model.to(args.device)
+        # Each teacher's cache belongs to the dataset without teacher columns: adding a teacher reuses the others'.
+        present = [column for names in self._teacher_column_names.values() for column in names.values()
+                   if column in dataset.column_names]
+        base = dataset.remove_columns(present) if present else dataset
+        for teacher_name, teacher in self.teacher_models.items():
+            if self._has_teacher_columns(dataset, args, teacher_name):
+                continue
+            new_columns = list(self._teacher_column_names[teacher_name].values())
+            cached = self._cache_teacher(teacher, base, teacher_name, args, tokenizer).select_columns(new_columns)
+            dataset = datasets.concatenate_datasets([dataset, cached], axis=1)
+        return dataset
+
+    def _cache_teacher(self, teacher, dataset, teacher_name: str, args, tokenizer):
+        teacher.to(args.device)
         return cache_teacher_logits(
-            self.teacher_model,
+            teacher,
             dataset,
             tokenizer=tokenizer,
-            column=args.teacher_logits_column,
+            column=_teacher_column(args.teacher_logits_column, teacher_name),
             cache_dir=args.teacher_cache_dir,
             dtype=args.teacher_cache_dtype,
             batch_size=args.teacher_cache_batch_size,
@@ -357,8 +426,11 @@ class DistillationTrainer(Trainer):
         )
 
     def _check_teacher_columns(self, dataset, args: DistillationTrainingArguments) -> None:
-        check_teacher_columns(dataset, self.head, args.teacher_logits_column, self._num_classes,
-                              self._top_k if self.head.cache_layout == TOPK else None)
+        """Check the cache columns `dataset` holds, teacher by teacher."""
+        for name in self._teacher_names:
+            if self._has_teacher_columns(dataset, args, name):
+                check_teacher_columns(dataset, self.head, _teacher_column(args.teacher_logits_column, name),
+                                      self._num_classes, self._top_k if self.head.cache_layout == TOPK else None)
 
     def _set_signature_columns_if_needed(self):
         if self.head is None:
@@ -367,34 +439,45 @@ class DistillationTrainer(Trainer):
             # The student's forward decides which columns reach the model, not the projections wrapper's.
             signature = inspect.signature(_base_model(self.student).forward)
             self._signature_columns = list(signature.parameters) + list({"label", "label_ids", *self.label_names})
-        for column in (*self._teacher_column_names.values(), self.args.sample_weight_column):
+        teacher_columns_used = [column for names in self._teacher_column_names.values() for column in names.values()]
+        for column in (*teacher_columns_used, self.args.sample_weight_column):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
-    def _prepared_teacher(self) -> nn.Module:
-        """The teacher placed by accelerate on first use (lazily, so evaluate() before train() keeps autocast)."""
-        if not self._teacher_prepared:
-            self.teacher_model = place_teacher(self.teacher_model, self.accelerator)
-            self._teacher_prepared = True
-        return self.teacher_model
+    def _prepared_teacher(self, name: str) -> nn.Module:
+        """Teacher `name` placed by accelerate on first use (lazily, so evaluate() before train() keeps autocast)."""
+        if name not in self._prepared_teachers:
+            self.teacher_models[name] = place_teacher(self.teacher_models[name], self.accelerator)
+            self._prepared_teachers.add(name)
+        return self.teacher_models[name]
 
     # ---- the loss ----
 
-    def _online_teacher_outputs(self, inputs: dict, units: Units | None = None, **output_flags):
-        """Teacher outputs from a no-grad forward on the head's teacher inputs (limited to `units` if it can)."""
-        if self.teacher_model is None:
+    def _online_teacher_outputs(self, inputs: dict, units: Units | None = None, name: str | None = None,
+                                **output_flags):
+        """Teacher `name`'s outputs (default: the first) from a no-grad forward on the head's teacher inputs, limited
+        to `units` when its forward can."""
+        if not self.teacher_models:
             raise ValueError(
                 f"The batch has no '{self.args.teacher_logits_column}' and no teacher_model was given: pass "
                 "teacher_model=... or add the column with hf_distill.cache_teacher_logits."
             )
-        teacher = self._prepared_teacher()
-        keep = {} if units is None else self.head.forward_kwargs(units, self._teacher_keeps_logits)
+        name = next(iter(self.teacher_models)) if name is None else name
+        teacher = self._prepared_teacher(name)
+        keep = {} if units is None else self.head.forward_kwargs(units, self._teacher_keeps_logits[name])
         with torch.no_grad():
             return teacher(**self.head.teacher_inputs(inputs), **keep, **output_flags)
 
     def _pop_batch_fields(self, inputs: dict):
-        """Take the teacher columns, sample weights and labels out of `inputs` (the student must not see them)."""
-        cached = {key: inputs.pop(name) for key, name in self._teacher_column_names.items() if name in inputs}
+        """Take the teacher columns, sample weights and labels out of `inputs` (the student must not see them).
+
+        The teacher columns come back as `{teacher name: {field: tensor}}` for the teachers cached in the batch.
+        """
+        cached = {
+            teacher: {key: inputs.pop(column) for key, column in names.items() if column in inputs}
+            for teacher, names in self._teacher_column_names.items()
+        }
+        cached = {teacher: columns for teacher, columns in cached.items() if columns}
         sample_weight = inputs.pop(self.args.sample_weight_column, None)
         labels = {name: inputs.pop(name) for name in self.label_names if name in inputs}
         return cached, sample_weight, labels
@@ -411,18 +494,23 @@ class DistillationTrainer(Trainer):
         units = head.units(inputs, labels)
         if args.uses_alignment:
             student_outputs, teacher_outputs, alignment_terms = self._aligned_forward(model, inputs)
+            online = {self._teacher_names[0]: teacher_outputs}
         else:
             keep = {} if self._keep_all_logits else head.forward_kwargs(units, self._student_keeps_logits)
             student_outputs = model(**inputs, **keep)
-            teacher_outputs = None if cached else self._online_teacher_outputs(inputs, units)
+            online = {name: self._online_teacher_outputs(inputs, units, name)
+                      for name in self._teacher_names if name not in cached}
             alignment_terms = {}
         student_views = head.kd_logits(student_outputs, units, inputs)
-        if cached:
-            teacher_views = head.cached_targets(cached, units, inputs)
-        else:
-            teacher_views = head.teacher_kd_logits(teacher_outputs, units, inputs)
-            for view in teacher_views:
-                check_teacher_logits_finite(view, self.teacher_model)
+        views_by_teacher = {}
+        for name in self._teacher_names:
+            if name in cached:
+                views_by_teacher[name] = head.cached_targets(cached[name], units, inputs)
+            else:
+                views_by_teacher[name] = head.teacher_kd_logits(online[name], units, inputs)
+                for view in views_by_teacher[name]:
+                    check_teacher_logits_finite(view, self.teacher_models[name])
+        teacher_views = self._combined_views(views_by_teacher)
 
         row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
         if sample_weight is not None:
@@ -443,7 +531,10 @@ class DistillationTrainer(Trainer):
             self._record_term(mode, name, value.detach(), 1)
             loss = loss + weight * value * examples_share
         if mode == "eval" and self.distillation_loss != "mse":
-            self._record_agreement(student_views, teacher_views, row_weight)
+            self._record_agreement("teacher_agreement", student_views, teacher_views, row_weight)
+            if len(views_by_teacher) > 1:
+                for name, views in views_by_teacher.items():
+                    self._record_agreement(f"teacher_agreement_{name}", student_views, views, row_weight)
         return (loss, head.predictions(student_outputs)) if return_outputs else loss
 
     def _divergence_rows(self, student_logits: torch.Tensor, target) -> torch.Tensor:
@@ -479,13 +570,24 @@ class DistillationTrainer(Trainer):
             losses.append(chunked_per_row(rows, logits, targets, chunk_size=LOSS_CHUNK_ROWS))
         return torch.stack(losses).mean(0), labelled_rows
 
-    def _record_agreement(self, student_views, teacher_views, row_weight) -> None:
+    def _combined_views(self, views_by_teacher: dict[str, list]) -> list:
+        """One target per view: the teacher's, or the ensemble of several (`args.teacher_ensemble`)."""
+        if len(views_by_teacher) == 1:
+            return next(iter(views_by_teacher.values()))
+        args = self.args
+        weights = args.teacher_weights or [1.0] * len(views_by_teacher)
+        mode = "mean_logits" if self.distillation_loss == "mse" else args.teacher_ensemble
+        return [
+            ensemble_logits(list(views), weights, args.temperature, mode) for views in zip(*views_by_teacher.values())
+        ]
+
+    def _record_agreement(self, term: str, student_views, teacher_views, row_weight) -> None:
         agreement = []
         for student, teacher in zip(student_views, teacher_views):
             teacher_top = teacher.ids[:, 0] if isinstance(teacher, TopKTarget) else teacher.argmax(-1)
             agreement.append((student.argmax(-1) == teacher_top).float())
         agreed = (torch.stack(agreement).mean(0) * row_weight).sum()
-        self._record_term("eval", "teacher_agreement", agreed, row_weight.sum())
+        self._record_term("eval", term, agreed, row_weight.sum())
 
     def _step_normalisers(self, mode: str, kd_weight, ce_weight, units: Units):
         """Divisors of this micro-batch's sums, and its examples' share of the step for per-batch-mean terms.
@@ -666,6 +768,10 @@ class DistillationTrainer(Trainer):
         }
         if self.distillation_loss == "jsd":
             settings["jsd_beta"] = args.jsd_beta
+        if len(self._teacher_names) > 1:
+            settings["teachers"] = self._teacher_names
+            settings["teacher_weights"] = args.teacher_weights or [1.0] * len(self._teacher_names)
+            settings["teacher_ensemble"] = args.teacher_ensemble
         settings["loss_weights"] = {
             name: getattr(args, name) for name in ("logits_loss_weight", *ALIGNMENT_WEIGHTS) if getattr(args, name)
         }
@@ -721,8 +827,12 @@ class DistillationTrainer(Trainer):
         if not self.is_world_process_zero():
             return None
         output_dir = output_dir or self.args.output_dir
-        teacher_config = _config(self.teacher_model) if self.teacher_model is not None else None
-        teacher = teacher_model_name or getattr(teacher_config, "_name_or_path", None) or "an unnamed teacher"
+        teacher = teacher_model_name or [
+            getattr(_config(model), "_name_or_path", None) or f"teacher {name}".strip()
+            for name, model in self.teacher_models.items()
+        ] or "an unnamed teacher"
+        if isinstance(teacher, list) and len(teacher) == 1:
+            teacher = teacher[0]
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         config = self._student_config
         id2label = {int(key): value for key, value in (getattr(config, "id2label", None) or {}).items()}

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+from accelerate import PartialState
 from datasets import concatenate_datasets
 from huggingface_hub import HfApi
 from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, set_seed
@@ -165,15 +166,19 @@ def check_output_dir(output_dir: str, run_record: dict, overwrite: bool) -> None
 
 
 def claim_output_dir(output_dir: str, run_record: dict, overwrite: bool, is_main: bool) -> None:
-    """Refuse an output_dir that holds another run; record this run's settings in it."""
-    check_output_dir(output_dir, run_record, overwrite)
-    record_path = os.path.join(output_dir, RUN_RECORD)
-    if is_main:
-        if overwrite and os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        with open(record_path, "w") as file:
-            json.dump(run_record, file, indent=2)
+    """Refuse an output_dir that holds another run; record this run's settings in it.
+
+    The main process claims first; the others check once its record is complete (they would otherwise read it
+    half-written).
+    """
+    with PartialState().main_process_first():
+        check_output_dir(output_dir, run_record, overwrite)
+        if is_main:
+            if overwrite and os.path.isdir(output_dir):
+                shutil.rmtree(output_dir)
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, RUN_RECORD), "w") as file:
+                json.dump(run_record, file, indent=2)
 
 
 def with_transfer_data(raw, data_args, task, seed=0):
