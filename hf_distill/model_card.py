@@ -16,12 +16,24 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .glue import GlueTask, get_task
 
-BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill", "text-classification")
+BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill")
+
+# Per pipeline tag: the task's display name, the Auto class that loads the student, and an example input.
+_PIPELINES = {
+    "text-classification": ("Text Classification", "AutoModelForSequenceClassification", "AutoTokenizer",
+                            'inputs = tokenizer("a sentence to classify", return_tensors="pt")'),
+    "token-classification": ("Token Classification", "AutoModelForTokenClassification", "AutoTokenizer",
+                             'inputs = tokenizer("Ada Lovelace was born in London", return_tensors="pt")'),
+    "image-classification": ("Image Classification", "AutoModelForImageClassification", "AutoImageProcessor",
+                             'inputs = processor(images=image, return_tensors="pt")  # a PIL image'),
+}
 
 # Names the Hub's model-index uses for our metric names.
 _METRIC_TYPES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
 _METRIC_DISPLAY_NAMES = {
     "accuracy": "Accuracy",
+    "precision": "Precision",
+    "recall": "Recall",
     "f1": "F1",
     "matthews_correlation": "Matthews correlation",
     "pearson": "Pearson correlation",
@@ -49,6 +61,8 @@ def build_model_card(
     license: str | None = "apache-2.0",
     extra_tags: Iterable[str] = (),
     dataset_split: str = "validation",
+    pipeline_tag: str = "text-classification",
+    label_names=None,
 ) -> ModelCard:
     """
     Build the model card of a student distilled from a teacher.
@@ -71,11 +85,16 @@ def build_model_card(
         license: licence id for the metadata.
         extra_tags: tags added to the defaults.
         dataset_split: split the results were measured on (`"validation_matched"` for mnli).
+        pipeline_tag: the student's task: `"text-classification"`, `"token-classification"` or
+            `"image-classification"`.
+        label_names: class names by id, for a task that is not a GLUE task.
 
     Returns:
         `huggingface_hub.ModelCard`; `card.save(os.path.join(output_dir, "README.md"))` writes it.
     """
     task = get_task(task) if task is not None else None
+    if pipeline_tag not in _PIPELINES:
+        raise ValueError(f"pipeline_tag={pipeline_tag!r} is not one of {sorted(_PIPELINES)}.")
     dataset_config = dataset_config or (task.name if task else None)
     metrics = _task_metrics(eval_results)
     settings = _yaml_safe(_without_secrets(dict(distillation_settings)))
@@ -84,14 +103,14 @@ def build_model_card(
     dataset_type = hub_dataset or ("glue" if task else "local")
     dataset_name = f"GLUE {task.name.upper()}" if task else dataset_id
 
-    tags = list(dict.fromkeys([*BASE_TAGS, *([task.name] if task else []), *extra_tags]))
+    tags = list(dict.fromkeys([*BASE_TAGS, pipeline_tag, *([task.name] if task else []), *extra_tags]))
     card_data = ModelCardData(
         base_model=base_model,
         datasets=[hub_dataset] if hub_dataset else None,
         eval_results=[
             EvalResult(
-                task_type="text-classification",
-                task_name="Text Classification",
+                task_type=pipeline_tag,
+                task_name=_PIPELINES[pipeline_tag][0],
                 dataset_type=dataset_type,
                 dataset_name=dataset_name,
                 dataset_config=dataset_config,
@@ -106,7 +125,7 @@ def build_model_card(
         library_name="transformers",
         license=license,
         model_name=model_name,
-        pipeline_tag="text-classification",
+        pipeline_tag=pipeline_tag,
         tags=tags,
         teacher_model=teacher_model_id,
         distillation=settings,
@@ -126,6 +145,8 @@ def build_model_card(
         settings=settings,
         report_markdown=report_markdown,
         chart_path=chart_path,
+        pipeline_tag=pipeline_tag,
+        label_names=label_names,
     )
     return ModelCard(_redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
 
@@ -181,8 +202,11 @@ def _card_body(
     settings,
     report_markdown,
     chart_path,
+    pipeline_tag,
+    label_names,
 ) -> str:
-    task_text = f"the GLUE **{task.name}** task" if task else "a text-classification task"
+    task_text = f"the GLUE **{task.name}** task" if task else f"a {pipeline_tag.replace('-', ' ')} task"
+    _, auto_class, processor_class, example_input = _PIPELINES[pipeline_tag]
     student_init = settings.get("student_init")
     teacher_layers = student_init.get("from_teacher_layers") if isinstance(student_init, dict) else None
     if teacher_layers:
@@ -203,6 +227,8 @@ def _card_body(
         lines += ["Labels: " + ", ".join(f"{i} = `{name}`" for i, name in task.id2label.items()) + ".", ""]
     elif task:
         lines += ["It predicts a similarity score (regression, one output).", ""]
+    elif label_names:
+        lines += ["Labels: " + ", ".join(f"{i} = `{name}`" for i, name in enumerate(label_names)) + ".", ""]
 
     lines += ["## Distillation", ""]
     setting_lines = [f"- **{key}**: {_format_setting(value)}" for key, value in settings.items()]
@@ -230,15 +256,16 @@ def _card_body(
         "## How to use",
         "",
         "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        f"from transformers import {auto_class}, {processor_class}",
         "",
         'model_id = "<this repository or folder>"',
-        "tokenizer = AutoTokenizer.from_pretrained(model_id)",
-        "model = AutoModelForSequenceClassification.from_pretrained(model_id)",
+        f"{'processor' if processor_class == 'AutoImageProcessor' else 'tokenizer'} = "
+        f"{processor_class}.from_pretrained(model_id)",
+        f"model = {auto_class}.from_pretrained(model_id)",
         *(
             ['inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")']
             if task and len(task.text_columns) == 2
-            else ['inputs = tokenizer("a sentence to classify", return_tensors="pt")']
+            else [example_input]
         ),
         "outputs = model(**inputs)",
         "```",
