@@ -90,16 +90,20 @@ def distillation_settings(trainer, student_checkpoint: str | None = None) -> dic
     }
 
 
-def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval") -> dict:
+def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval",
+                   compute_loss_func=None) -> dict:
     """Task metrics of one model, without the prefix. Every process must call it: Trainer.evaluate shards the
-    data and gathers the predictions."""
+    data and gathers the predictions. `compute_loss_func(outputs, labels)` serves a model whose forward takes no
+    `labels` (DeiT with teacher): Trainer then pops them from the batch."""
     # A scratch output_dir: evaluation writes nothing worth keeping, and the run's folder stays as documented.
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
             model=model,
-            args=dataclasses.replace(training_args, output_dir=scratch),
+            args=dataclasses.replace(training_args, output_dir=scratch,
+                                     **({"label_names": ["labels"]} if compute_loss_func else {})),
             data_collator=collator,
             compute_metrics=compute_metrics,
+            compute_loss_func=compute_loss_func,
         )
         metrics = trainer.evaluate(eval_dataset, metric_key_prefix=prefix)
     return {key.removeprefix(f"{prefix}_"): value for key, value in metrics.items()}

@@ -103,7 +103,9 @@ def test_sub_token_alignment(tmp_path):
     pieces = tokenizer.convert_ids_to_tokens(first["input_ids"])
     b_org, i_org, o = names.index("B-ORG"), names.index("I-ORG"), names.index("O")
     # [CLS] rain del ##ayed the match bet ##ween ost ##rander press and nor ##vex ...
-    assert pieces[:11] == ["[CLS]", "rain", "del", "##ayed", "the", "match", "bet", "##ween", "ost", "##rander", "press"]
+    assert pieces[:11] == [
+        "[CLS]", "rain", "del", "##ayed", "the", "match", "bet", "##ween", "ost", "##rander", "press",
+    ]
     assert first["labels"][:11] == [-100, o, o, -100, o, o, o, -100, b_org, -100, i_org]
     assert every["labels"][:11] == [-100, o, o, o, o, o, o, o, b_org, i_org, i_org]  # B- continues as I-
     assert first["labels"][-1] == every["labels"][-1] == -100  # [SEP]
