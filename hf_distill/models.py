@@ -73,19 +73,32 @@ def _source_defines(origin: str | None, name: str) -> bool:
     return False
 
 
-def load_classifier(name_or_path: str, task: GlueTask, **kwargs) -> tuple[PreTrainedModel, bool]:
-    """Load a sequence classifier with the task's label space.
+def load_model(
+    auto_class,
+    name_or_path: str,
+    num_labels: int,
+    id2label: dict[int, str] | None = None,
+    ignore_mismatched_sizes: bool = False,
+    what: str = "the task",
+    **kwargs,
+) -> tuple[PreTrainedModel, bool]:
+    """Load `auto_class` (e.g. `AutoModelForTokenClassification`) with a head for `num_labels` classes.
 
     Returns:
-        `(model, head_is_new)`: `head_is_new` is True when the checkpoint had no classification head for this task,
-        so the model must be fine-tuned before it can teach.
+        `(model, head_is_new)`: `head_is_new` is True when the checkpoint had no head for this label space (or, with
+        `ignore_mismatched_sizes`, one of another size that was replaced), so the model must be fine-tuned before it
+        can teach.
+
+    Raises:
+        ValueError: for a head of another size without `ignore_mismatched_sizes`.
     """
-    label_space = {"id2label": task.id2label, "label2id": task.label2id} if task.id2label else {}
+    label_space = {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}} if id2label else {}
     try:
-        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+        model, loading_info = auto_class.from_pretrained(
             resolve_model_path(name_or_path),
-            num_labels=task.num_labels,
+            num_labels=num_labels,
             output_loading_info=True,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
             **label_space,
             **kwargs,
         )
@@ -93,12 +106,20 @@ def load_classifier(name_or_path: str, task: GlueTask, **kwargs) -> tuple[PreTra
         if "ignore_mismatched_sizes" not in str(error):
             raise
         raise ValueError(
-            f"The checkpoint {name_or_path!r} has a classification head of another shape than task "
-            f"{task.name!r} needs ({task.num_labels} labels). Use a checkpoint trained on this task, or a base "
-            "checkpoint without a head."
+            f"The checkpoint {name_or_path!r} has a classification head of another shape than {what} needs "
+            f"({num_labels} labels). Use a checkpoint trained on this task, or a base checkpoint without a head"
+            " (or pass --ignore_mismatched_sizes to replace the head)."
         ) from error
-    head_is_new = bool(loading_info["missing_keys"])
+    head_is_new = bool(loading_info["missing_keys"] or loading_info.get("mismatched_keys"))
     return model, head_is_new
+
+
+def load_classifier(name_or_path: str, task: GlueTask, **kwargs) -> tuple[PreTrainedModel, bool]:
+    """Load a sequence classifier with the GLUE task's label space; see `load_model`."""
+    return load_model(
+        AutoModelForSequenceClassification, name_or_path, task.num_labels, task.id2label or None,
+        what=f"task {task.name!r}", **kwargs,
+    )
 
 
 def load_tokenizer(name_or_path: str):

@@ -145,6 +145,32 @@ class ReportRow:
     all_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def model_row(
+    name: str,
+    model: torch.nn.Module,
+    model_path: str,
+    metrics: dict[str, float],
+    main_metric: str,
+    examples_per_second: float,
+    metric_names=None,
+) -> ReportRow:
+    """The report row of a model saved in `model_path`: its metrics (`metric_names`, default every number in
+    `metrics`), parameters, size on disk and throughput."""
+    names = metric_names or [key for key, value in metrics.items() if isinstance(value, (int, float))]
+    if main_metric not in metrics:
+        raise ValueError(f"The metrics of {name!r} ({sorted(metrics)}) lack the report's main metric {main_metric!r}.")
+    return ReportRow(
+        name=name,
+        model_path=model_path,
+        metric_name=main_metric,
+        metric_value=metrics[main_metric],
+        num_parameters=count_parameters(model),
+        size_bytes=size_on_disk(model_path),
+        examples_per_second=examples_per_second,
+        all_metrics={metric: metrics[metric] for metric in names},
+    )
+
+
 def build_report(rows: list[ReportRow], main_metric: str) -> dict:
     """
     Combine the rows and add `retention` and `speedup` relative to the row named `"teacher"`.
@@ -226,7 +252,7 @@ def _write_chart(report: dict, output_dir: str) -> str | None:
         logger.warning("matplotlib is not installed, so report.png is skipped. Install it: `pip install matplotlib`.")
         return None
     names = [row["name"] for row in report["rows"]]
-    colors = [_BAR_COLORS.get(name, "#55a868") for name in names]
+    colors = [_BAR_COLORS.get(name.split("_")[0], "#55a868") for name in names]  # student_deit: a student
     # Figure + Agg canvas rather than pyplot, so the caller's matplotlib backend is left alone.
     figure = Figure(figsize=(9, 3.6), layout="constrained")
     FigureCanvasAgg(figure)

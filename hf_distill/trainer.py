@@ -777,6 +777,7 @@ class DistillationTrainer(Trainer):
         }
         if self.layer_map:
             settings["layer_map"] = self.layer_map
+        settings.update(num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate)
         init_layers = getattr(self._student_config, "hf_distill_init_layers", None)
         if init_layers is not None:
             settings["student_init"] = {"from_teacher_layers": init_layers}
@@ -807,6 +808,7 @@ class DistillationTrainer(Trainer):
         chart_path: str | None = None,
         extra_settings: dict | None = None,
         output_dir: str | None = None,
+        example_inputs: str | None = None,
     ):
         """`Trainer.create_model_card` with the distillation section: teacher, settings, `base_model`, tags and a
         `model-index` of `eval_results`, written to `<output_dir or args.output_dir>/README.md`.
@@ -816,6 +818,7 @@ class DistillationTrainer(Trainer):
             eval_results: the student's metrics (`Trainer.evaluate()` output works).
             report_markdown: a teacher / baseline / student table; `chart_path`: a PNG beside the card.
             extra_settings: recipe settings recorded beside `distillation_settings()` (transfer data, ...).
+            example_inputs: the usage snippet's line that builds `inputs` (default: one per pipeline).
             The other arguments are `Trainer.create_model_card`'s.
 
         Returns:
@@ -853,6 +856,7 @@ class DistillationTrainer(Trainer):
             dataset_split=dataset_split,
             pipeline_tag=self.head.pipeline_tag,
             id2label=id2label if names_labels and _named_labels(config) else None,
+            example_inputs=example_inputs,
         )
         os.makedirs(output_dir, exist_ok=True)
         card.save(os.path.join(output_dir, "README.md"))

@@ -110,7 +110,8 @@ def check_dataset(
     if len(dataset) == 0:
         raise ValueError(f"The {name} dataset is empty: give it at least one example.")
     columns = dataset.column_names
-    if has_teacher and input_column not in columns:
+    # A dataset with a transform (set_transform / with_transform) makes its inputs on access.
+    if has_teacher and input_column not in columns and dataset.format["type"] != "custom":
         raise ValueError(
             f"The {name} dataset has no '{input_column}' column (columns: {columns}): "
             f"{'tokenize' if input_column == 'input_ids' else 'process'} it before training, so that the teacher "

@@ -27,7 +27,6 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments, augme
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
 from hf_distill.metrics import make_compute_metrics
-from hf_distill.model_card import build_model_card
 from hf_distill.models import check_same_tokenizer, load_classifier, load_tokenizer
 from hf_distill.report import (
     ReportRow,
@@ -401,12 +400,7 @@ def main(argv=None):
             if finetune_teacher
             else {}
         ),
-        "temperature": training_args.temperature,
-        "student_temperature": training_args.student_temperature,
-        "alpha": training_args.alpha,
-        "distillation_loss": trainer.distillation_loss,
-        "student_init": model_args.student_model_name_or_path
-        or {"from_teacher_layers": getattr(student.config, "hf_distill_init_layers", None)},
+        **({"student_init": model_args.student_model_name_or_path} if model_args.student_model_name_or_path else {}),
         "transfer_examples": len(distill_data) - len(labelled),
         "labelled_examples": len(labelled),
         **(
@@ -414,31 +408,26 @@ def main(argv=None):
             if data_args.augment_copies
             else {}
         ),
-        "num_train_epochs": training_args.num_train_epochs,
-        "learning_rate": training_args.learning_rate,
-        **alignment_settings(trainer),
     }
     if alignment:
         settings["intermediate_stage"] = alignment
     teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
-    card = build_model_card(
-        student_id_or_path_base=model_args.student_model_name_or_path or teacher_id,
-        teacher_model_id=teacher_id,
-        task=task.name,
-        dataset_id=data_args.dataset_name or ("glue" if not data_args.train_file else "local GLUE files"),
-        dataset_config=task.name,
+    trainer.create_model_card(
         model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
+        finetuned_from=model_args.student_model_name_or_path or teacher_id,
+        dataset=data_args.dataset_name or ("glue" if not data_args.train_file else "local GLUE files"),
+        dataset_args=task.name,
+        teacher_model_name=teacher_id,
         eval_results=student_row.all_metrics,
-        distillation_settings=settings,
         report_markdown=markdown,
         chart_path=os.path.basename(paths["chart"]) if paths["chart"] else None,
-        id2label=task.id2label or None,
+        extra_settings=settings,
+        output_dir=student_dir,
         example_inputs=(
             'inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")'
             if len(task.text_columns) == 2 else None
         ),
     )
-    card.save(os.path.join(student_dir, "README.md"))
 
     if push_to_hub:
         push_student(student_dir, training_args, hub_token)

@@ -191,6 +191,69 @@ def recipe_args(task, teacher, output_dir, *extra):
     ]
 
 
+
+# ---- the token-classification recipe on the NER fixtures ----
+
+NER_FIXTURES = os.path.join(REPO, "tests", "fixtures", "ner")
+"""Made-up CoNLL-style sentences (tests/fixtures/ner/generate.py): train/validation JSON lines, a CoNLL file."""
+import token_classification as ner_recipe  # noqa: E402, F401 (for the recipe's tests) - recipes/token_classification.py
+
+
+def ner_words():
+    """The fixtures' words, lower-cased; words of 6+ letters split into `abc ##rest` so sub-tokens occur."""
+    import json
+
+    words = set()
+    for name in ("train.jsonl", "validation.jsonl"):
+        with open(os.path.join(NER_FIXTURES, name), encoding="utf-8") as file:
+            for line in file:
+                words.update(word.lower() for word in json.loads(line)["tokens"])
+    pieces = set()
+    for word in words:
+        pieces.update([word[:3], "##" + word[3:]] if len(word) >= 6 else [word])
+    return sorted(pieces)
+
+
+def save_ner_teacher(folder, with_head=False, num_labels=9, id2label=None):
+    """A tiny random BERT (4 layers) with a tokenizer over the fixtures' words: a base model, or with a
+    token-classification head."""
+    from transformers import BertForTokenClassification
+
+    tokenizer = tiny_tokenizer(folder, ner_words())
+    torch.manual_seed(1)
+    config = tiny_bert(hidden_size=32, num_layers=4).config
+    config.vocab_size, config.num_labels = len(tokenizer), num_labels
+    if id2label:
+        config.id2label, config.label2id = id2label, {name: i for i, name in id2label.items()}
+    model = BertForTokenClassification(config)
+    (model if with_head else model.bert).save_pretrained(folder)
+    return folder
+
+
+def ner_recipe_args(teacher, output_dir, *extra):
+    """Command-line arguments of a fast token-classification run on the NER fixtures; `extra` are appended."""
+    return [
+        "--train_file", os.path.join(NER_FIXTURES, "train.jsonl"),
+        "--validation_file", os.path.join(NER_FIXTURES, "validation.jsonl"),
+        "--teacher_model_name_or_path", teacher,
+        "--student_num_layers", "2",
+        "--output_dir", output_dir,
+        "--max_seq_length", "48",
+        "--per_device_train_batch_size", "16",
+        "--num_train_epochs", "1",
+        "--teacher_num_train_epochs", "1",
+        "--learning_rate", "1e-3",
+        "--teacher_learning_rate", "1e-3",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        "--latency_batch_size", "16",
+        "--latency_rounds", "1",
+        "--teacher_cache_dir", output_dir + "_cache",
+        *extra,
+    ]
+
 LM_VOCAB_SIZE = 48
 
 

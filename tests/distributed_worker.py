@@ -274,12 +274,9 @@ def scenario_causal_lm(workdir) -> dict:
     return common_results(trainer, collator)
 
 
-def scenario_glue_recipe(workdir) -> dict:
-    """`recipes/glue.py` with the arguments in `workdir/glue_args.txt` (one a line); counts who writes the report."""
-    sys.path.insert(0, os.path.join(REPO, "recipes"))
-    import glue as recipe
-
-    calls = {"write_report": 0, "build_model_card": 0}
+def run_recipe_counting(recipe, args_file, workdir, calls) -> dict:
+    """`recipe.main` with the arguments in `workdir/args_file` (one a line), counting calls of the names in
+    `calls`, so the test sees who writes the report."""
 
     def counted(name):
         function = getattr(recipe, name)
@@ -292,10 +289,26 @@ def scenario_glue_recipe(workdir) -> dict:
 
     for name in calls:
         setattr(recipe, name, counted(name))
-    with open(os.path.join(workdir, "glue_args.txt")) as file:
+    with open(os.path.join(workdir, args_file)) as file:
         recipe.main(file.read().splitlines())
     state = PartialState()
     return {"calls": calls, "num_processes": state.num_processes, "process_index": state.process_index}
+
+
+def scenario_glue_recipe(workdir) -> dict:
+    """`recipes/glue.py` with the arguments in `workdir/glue_args.txt`."""
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import glue as recipe
+
+    return run_recipe_counting(recipe, "glue_args.txt", workdir, {"write_report": 0})
+
+
+def scenario_ner_recipe(workdir) -> dict:
+    """`recipes/token_classification.py` with the arguments in `workdir/ner_args.txt`."""
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import token_classification as recipe
+
+    return run_recipe_counting(recipe, "ner_args.txt", workdir, {"write_comparison": 0})
 
 
 SCENARIOS = {
@@ -305,6 +318,7 @@ SCENARIOS = {
     "hidden_projection": scenario_hidden_projection,
     "causal_lm": scenario_causal_lm,
     "glue_recipe": scenario_glue_recipe,
+    "ner_recipe": scenario_ner_recipe,
 }
 
 

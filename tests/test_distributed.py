@@ -15,7 +15,7 @@ import sys
 import distributed_worker as worker
 import pytest
 import torch
-from conftest import FIXTURES, recipe_args, save_teacher
+from conftest import FIXTURES, NER_FIXTURES, ner_recipe_args, recipe_args, save_ner_teacher, save_teacher
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
@@ -29,8 +29,8 @@ WORKER = os.path.abspath(worker.__file__)
 HF_DISTILL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hf_distill.__file__)))
 
 
-# The recipe runs last: it is the most expensive, and its output is checked on disk.
-SCENARIOS = ["cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "glue_recipe"]
+# The recipes run last: they are the most expensive, and their output is checked on disk.
+SCENARIOS = ["cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "glue_recipe", "ner_recipe"]
 
 
 def run_launch(out_dir, env) -> "Launch":
@@ -89,6 +89,7 @@ def ddp(tmp_path_factory):
         pytest.skip("torch was built without torch.distributed/gloo: no CPU DDP possible")
     out_dir = str(tmp_path_factory.mktemp("ddp"))
     prepare_glue_recipe(os.path.join(out_dir, "glue_recipe"))
+    prepare_ner_recipe(os.path.join(out_dir, "ner_recipe"))
     env = {
         **os.environ,
         # The ranks run the script, so the current folder is not on their path: without this they would import
@@ -297,8 +298,8 @@ def prepare_glue_recipe(workdir):
 def test_glue_recipe_under_two_processes(ddp):
     main, other = ddp.results("glue_recipe")
     assert main["num_processes"] == other["num_processes"] == NUM_PROCESSES
-    assert main["calls"] == {"write_report": 1, "build_model_card": 1}, "the main process did not report exactly once"
-    assert other["calls"] == {"write_report": 0, "build_model_card": 0}, "the other process wrote a report"
+    assert main["calls"] == {"write_report": 1}, "the main process did not report exactly once"
+    assert other["calls"] == {"write_report": 0}, "the other process wrote a report"
 
     workdir = os.path.join(ddp.out_dir, "glue_recipe")
     student_dir = os.path.join(workdir, "run", "student")
@@ -333,3 +334,55 @@ def glue_accuracy(model, tokenizer_dir) -> float:
     with torch.no_grad():
         predictions = model(**batch).logits.argmax(-1)
     return (predictions == torch.tensor(validation["label"])).float().mean().item()
+
+
+# ---- 7. the token-classification recipe under accelerate launch ----
+
+
+def prepare_ner_recipe(workdir):
+    """A tiny token-classification teacher, and the recipe's arguments in `workdir/ner_args.txt`."""
+    os.makedirs(workdir)
+    teacher = save_ner_teacher(os.path.join(workdir, "teacher"), with_head=True,
+                               id2label=dict(enumerate(NER_TAGS)))
+    argv = ner_recipe_args(
+        teacher, os.path.join(workdir, "run"), "--max_train_samples", "32", "--transfer_train_samples", "16",
+        "--max_eval_samples", "20", "--per_device_train_batch_size", "8", "--finetune_teacher", "no",
+    )
+    with open(os.path.join(workdir, "ner_args.txt"), "w") as file:
+        file.write("\n".join(argv))
+
+
+NER_TAGS = ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER"]
+
+
+def test_ner_recipe_under_two_processes(ddp):
+    """The per-token cache and its padding collator under DDP; the main process alone reports, on all sentences."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
+
+    from hf_distill.metrics import SeqevalMetric
+    from hf_distill.tasks.token_classification import load_token_classification_data, tokenize_and_align_labels
+
+    main, other = ddp.results("ner_recipe")
+    assert main["calls"] == {"write_comparison": 1}
+    assert other["calls"] == {"write_comparison": 0}
+    workdir = os.path.join(ddp.out_dir, "ner_recipe")
+    run = os.path.join(workdir, "run")
+    with open(os.path.join(run, "results.json")) as file:
+        report = json.load(file)
+    assert [row["name"] for row in report["rows"]] == ["teacher", "baseline", "student"]
+    ModelCard.load(os.path.join(run, "student", "README.md"))
+
+    student = AutoModelForTokenClassification.from_pretrained(os.path.join(run, "student")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(workdir, "teacher"))
+    raw, _ = load_token_classification_data(data_files={"validation": os.path.join(NER_FIXTURES, "validation.jsonl")})
+    validation = tokenize_and_align_labels(raw["validation"].select(range(20)), tokenizer, NER_TAGS, 48)
+    batch = DataCollatorForTokenClassification(tokenizer)([dict(row) for row in validation])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        predicted = student(**batch).logits.argmax(-1)
+    kept = [row != -100 for row in labels]
+    f1 = SeqevalMetric().compute(
+        predictions=[[NER_TAGS[i] for i in p[k]] for p, k in zip(predicted, kept)],
+        references=[[NER_TAGS[i] for i in g[k]] for g, k in zip(labels, kept)],
+    )["f1"]
+    assert report["rows"][2]["metric_value"] == pytest.approx(f1, abs=1e-6)

@@ -55,6 +55,8 @@ class DistillationHead:
     pipeline_tag: ClassVar[str] = "text-classification"
     #: Whether positions are tokens (sums are then over tokens, not examples).
     token_level: ClassVar[bool] = False
+    #: The head whose cache this head's cache equals, when not its own (the record then matches across them).
+    cache_name: ClassVar[str | None] = None
     #: Label fields when the model class declares none (`transformers.utils.find_labels` finds none).
     default_label_names: ClassVar[tuple[str, ...]] = ()
 

@@ -19,6 +19,8 @@ class DeiTWithTeacherHead(ImageClassificationHead):
     its class head (`cls_logits`) the labels; at inference `logits` averages the two, as in DeiT."""
 
     name = "deit_with_teacher"
+    #: It caches the teacher's `logits`, as the image head does: one cache serves ViT and DeiT students.
+    cache_name = "image_classification"
     class_suffixes = ("ForImageClassificationWithTeacher",)
     #: transformers ships the class for inference only: its forward declares no labels.
     default_label_names = ("labels",)

@@ -10,17 +10,27 @@ Each metric is one self-contained `evaluate.Metric` script in this folder (`glue
     glue = GlueMetric("mrpc")                        # the same metric, imported
     glue.compute(predictions=[1, 0, 1], references=[1, 1, 1])
 
-`make_compute_metrics(task)` wraps one for `Trainer`. A further metric (e.g. entity F1 for token classification)
-is a new script beside `glue.py`, its class and path exported here, and its `compute_metrics` builder in
-`compute_metrics.py`.
+`make_compute_metrics(task)` wraps one for `Trainer`. Entity-level F1 for token classification is `seqeval.py`
+(`SeqevalMetric`, `SEQEVAL_METRIC_PATH`, `make_token_classification_compute_metrics(label_names)`).
 """
 
 import os
 
-from .compute_metrics import IGNORED_LABELS, make_compute_metrics
+from .compute_metrics import IGNORED_LABELS, make_compute_metrics, make_token_classification_compute_metrics
 from .glue import GlueMetric
+from .seqeval import SeqevalMetric
 
 GLUE_METRIC_PATH = os.path.join(os.path.dirname(__file__), "glue.py")
 """Path of the GLUE metric script, for `evaluate.load(GLUE_METRIC_PATH, task_name)`."""
+SEQEVAL_METRIC_PATH = os.path.join(os.path.dirname(__file__), "seqeval.py")
+"""Path of the entity-level metric script, for `evaluate.load(SEQEVAL_METRIC_PATH)`."""
 
-__all__ = ["GLUE_METRIC_PATH", "IGNORED_LABELS", "GlueMetric", "make_compute_metrics"]
+__all__ = [
+    "GLUE_METRIC_PATH",
+    "IGNORED_LABELS",
+    "SEQEVAL_METRIC_PATH",
+    "GlueMetric",
+    "SeqevalMetric",
+    "make_compute_metrics",
+    "make_token_classification_compute_metrics",
+]

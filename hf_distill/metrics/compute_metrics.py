@@ -6,6 +6,7 @@ import numpy as np
 
 from ..glue import UNLABELLED, GlueTask, get_task
 from .glue import GlueMetric
+from .seqeval import SeqevalMetric
 
 IGNORED_LABELS = (-100, UNLABELLED)
 """Label values of examples left out of the metrics: -100 (the loss's ignore index) and -1 (unlabelled)."""
@@ -38,5 +39,34 @@ def make_compute_metrics(task: "str | GlueTask") -> Callable[..., dict[str, floa
         if not labelled.any():
             return {}
         return metric.compute(predictions=predictions[labelled], references=references[labelled])
+
+    return compute_metrics
+
+
+def make_token_classification_compute_metrics(label_names) -> Callable[..., dict[str, float]]:
+    """
+    Build a `compute_metrics` function for token classification that scores with `SeqevalMetric`.
+
+    The returned function takes an `EvalPrediction` whose `predictions` are logits `(N, seq_len, num_labels)` and
+    whose `label_ids` are `(N, seq_len)`; only positions labelled other than -100 are scored (the first sub-token
+    of every word), so the scores are per word. `label_names[i]` is the IOB tag of class `i`.
+    """
+    label_names = list(label_names)
+    metric = SeqevalMetric(keep_in_memory=True)
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        predictions = np.asarray(logits).argmax(axis=-1)
+        references = np.asarray(eval_prediction.label_ids)
+        predicted_tags, gold_tags = [], []
+        for predicted_row, gold_row in zip(predictions, references):
+            kept = gold_row != -100
+            predicted_tags.append([label_names[i] for i in predicted_row[kept]])
+            gold_tags.append([label_names[i] for i in gold_row[kept]])
+        if not any(gold_tags):
+            return {}
+        return metric.compute(predictions=predicted_tags, references=gold_tags)
 
     return compute_metrics

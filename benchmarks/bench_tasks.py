@@ -1,0 +1,90 @@
+"""The token- and image-classification recipes' targets, measured: run a shipped config over seeds and print the
+figures from each run's results.json (validation and test metric, retention, CPU speed-up) and their means.
+
+    nice python benchmarks/bench_tasks.py recipes/configs/conll2003_minilm.yaml --seeds 42
+    nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44
+
+Each seed runs the recipe in a subprocess (`--seed`, `--output_dir <config's>_seed<seed>`); `--summarise` only
+reads finished runs.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = {"conll2003": "token_classification.py", "digits": "image_classification.py"}
+
+
+def recipe_for(config_path: str) -> str:
+    name = next(script for key, script in RECIPES.items() if key in os.path.basename(config_path))
+    return os.path.join(REPO, "recipes", name)
+
+
+def run(config_path: str, seed: int, output_dir: str) -> None:
+    with open(config_path) as file:
+        config = yaml.safe_load(file)
+    config.update(seed=seed, output_dir=output_dir, overwrite_output_dir=True)
+    seeded = f"{output_dir}.yaml"
+    os.makedirs(os.path.dirname(os.path.abspath(seeded)), exist_ok=True)
+    with open(seeded, "w") as file:
+        yaml.safe_dump(config, file)
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run([sys.executable, recipe_for(config_path), seeded], check=True, env=env, cwd=REPO)
+
+
+def figures(output_dir: str) -> dict:
+    with open(os.path.join(output_dir, "results.json")) as file:
+        report = json.load(file)
+    metric = report["main_metric"]
+    rows = {row["name"]: row for row in report["rows"]}
+    test = report.get("test", {})
+    return {
+        name: {
+            "validation": row["metric_value"],
+            "test": test.get(name, {}).get(metric),
+            "retention": row["retention"],
+            "test_retention": test[name][metric] / test["teacher"][metric] if name in test else None,
+            "speedup": row["speedup"],
+        }
+        for name, row in rows.items()
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--summarise", action="store_true", help="Read finished runs only.")
+    args = parser.parse_args()
+    with open(args.config) as file:
+        base_dir = yaml.safe_load(file)["output_dir"]
+    runs = {}
+    for seed in args.seeds:
+        output_dir = f"{base_dir}_seed{seed}"
+        if not args.summarise:
+            run(args.config, seed, output_dir)
+        runs[seed] = figures(output_dir)
+    names = list(next(iter(runs.values())))
+    print(f"\n{args.config}, seeds {args.seeds}\n")
+    print("| model | validation | test | retention (val) | retention (test) | CPU speed-up |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        def mean(key, name=name):
+            values = [runs[seed][name][key] for seed in args.seeds if runs[seed][name][key] is not None]
+            if not values:
+                return "–"
+            spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+            return f"{statistics.mean(values):.4f}{spread}"
+
+        print(f"| {name} | {mean('validation')} | {mean('test')} | {mean('retention')} | {mean('test_retention')} "
+              f"| {mean('speedup')} |")
+
+
+if __name__ == "__main__":
+    main()

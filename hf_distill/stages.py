@@ -1,0 +1,149 @@
+"""Steps every recipe takes around its training stages: arguments, the output folder, evaluation, the report, and
+the push of the finished student. Recipes (`recipes/*.py`) call these; the core never does."""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+from huggingface_hub import HfApi
+from transformers import HfArgumentParser, Trainer
+from transformers.utils import logging
+
+from .models import load_model
+from .report import build_report, compare_throughput, model_row, write_report
+from .student_init import init_student_from_teacher
+
+logger = logging.get_logger(__name__)
+RUN_RECORD = "hf_distill_run.json"
+
+
+def parse_args(dataclass_types, argv: list[str]):
+    """The dataclasses from the command line, or from one YAML or JSON file given alone."""
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def run_record(*arguments, exclude=("overwrite_output_dir",)) -> dict:
+    """The settings that define a run (the recipe's own argument dataclasses), to recognise its output folder."""
+    return {
+        type(group).__name__: {key: value for key, value in dataclasses.asdict(group).items() if key not in exclude}
+        for group in arguments
+    }
+
+
+def claim_output_dir(output_dir: str, record: dict, overwrite: bool, is_main: bool) -> None:
+    """Refuse an output_dir that holds another run; record this run's settings in it."""
+    record_path = os.path.join(output_dir, RUN_RECORD)
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        previous = None
+        if os.path.exists(record_path):
+            with open(record_path) as file:
+                previous = json.load(file)
+        if previous != json.loads(json.dumps(record)):
+            what = "another hf_distill run" if previous else "files of something else"
+            raise ValueError(
+                f"--output_dir {output_dir} already holds {what}. Choose a new --output_dir, or pass "
+                "--overwrite_output_dir to replace it."
+            )
+    if is_main:
+        if overwrite and os.path.isdir(output_dir):
+            shutil.rmtree(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(record_path, "w") as file:
+            json.dump(record, file, indent=2)
+
+
+def new_student(teacher, auto_class, model_args, num_labels: int, id2label: dict[int, str] | None):
+    """A fresh student: `model_args.student_model_name_or_path` loaded with the label space, or a copy of
+    `model_args.student_num_layers` teacher layers (`student_layer_init`: 'uniform', 'first' or a JSON list)."""
+    if model_args.student_model_name_or_path:
+        return load_model(auto_class, model_args.student_model_name_or_path, num_labels, id2label)[0]
+    layers = model_args.student_layer_init
+    layers = json.loads(layers) if layers.startswith("[") else layers
+    return init_student_from_teacher(teacher, model_args.student_num_layers, layers)
+
+
+def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval",
+                   compute_loss_func=None) -> dict:
+    """Task metrics of one model, without the prefix. Every process must call it: Trainer.evaluate shards the
+    data and gathers the predictions. `compute_loss_func(outputs, labels)` serves a model whose forward takes no
+    `labels` (DeiT with teacher): Trainer then pops them from the batch."""
+    # A scratch output_dir: evaluation writes nothing worth keeping, and the run's folder stays as documented.
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(
+            model=model,
+            args=dataclasses.replace(training_args, output_dir=scratch,
+                                     **({"label_names": ["labels"]} if compute_loss_func else {})),
+            data_collator=collator,
+            compute_metrics=compute_metrics,
+            compute_loss_func=compute_loss_func,
+        )
+        metrics = trainer.evaluate(eval_dataset, metric_key_prefix=prefix)
+    return {key.removeprefix(f"{prefix}_"): value for key, value in metrics.items()}
+
+
+def write_comparison(
+    models: dict[str, tuple],
+    metrics: dict[str, dict],
+    main_metric: str,
+    throughput_dataset,
+    collator,
+    output_dir: str,
+    copy_to=(),
+    batch_size: int = 32,
+    rounds: int = 3,
+    metric_names=None,
+    extra=None,
+) -> tuple[dict, str]:
+    """Measure CPU throughput, build the teacher / baseline / student report and write it to `output_dir` (and
+    copy it into each folder of `copy_to`). Main process only.
+
+    Args:
+        models: `{row name: (model, saved folder)}`, the teacher first.
+        metrics: `{row name: metrics}` of the report's split.
+        extra: further entries of `results.json` (e.g. test-split metrics).
+
+    Returns:
+        `(report, markdown table)`; `report["chart"]` is the PNG's file name or None.
+    """
+    throughput = compare_throughput(
+        {name: model.to("cpu") for name, (model, _) in models.items()}, throughput_dataset, collator,
+        batch_size=batch_size, rounds=rounds,
+    )
+    rows = [
+        model_row(name, model, path, metrics[name], main_metric, throughput[name], metric_names)
+        for name, (model, path) in models.items()
+    ]
+    report = {**build_report(rows, main_metric), **(extra or {})}
+    paths = write_report(report, output_dir)
+    for folder in copy_to:
+        for path in filter(None, paths.values()):
+            shutil.copy(path, folder)
+    with open(paths["markdown"]) as file:
+        markdown = file.read()
+    report["chart"] = os.path.basename(paths["chart"]) if paths["chart"] else None
+    return report, markdown
+
+
+def push_student(student_dir: str, training_args) -> None:
+    """Upload the student folder (no teacher, no projections, no cache); a failure leaves the local output intact."""
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    try:
+        api = HfApi(token=training_args.hub_token)
+        repo_id = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo_id, folder_path=student_dir, ignore_patterns=["_*", "checkpoint-*", "*.bin.tmp"]
+        )
+    except Exception as error:  # noqa: BLE001 - any Hub failure gets the same advice
+        raise SystemExit(
+            f"Pushing the student to the Hub as {repo_id!r} failed ({type(error).__name__}). The student, its card "
+            f"and the report are complete in {student_dir}: push that folder later with "
+            f"`hf upload {repo_id} {student_dir}` once the Hub is reachable and you are logged in."
+        ) from None
+    logger.warning(f"Pushed the student to https://huggingface.co/{repo_id}")

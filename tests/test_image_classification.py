@@ -1,0 +1,141 @@
+"""`recipes/image_classification.py` end to end on tiny random ViTs and scikit-learn digits (a few dozen images),
+from arrays and from an image folder, a ViT and a DeiT student, and its bad-input errors."""
+
+import json
+import os
+import sys  # noqa: E402,I001 - the recipe folder, after the package imports
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from huggingface_hub import ModelCard
+from PIL import Image
+from sklearn.datasets import load_digits
+from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher
+
+from hf_distill.tasks.image_classification import arrays_dataset, process_images
+
+sys.path.insert(0, os.path.join(REPO, "recipes"))
+import image_classification as recipe  # noqa: E402
+
+TINY_VIT = "image_size=8,patch_size=4,num_channels=1,hidden_size=32,num_hidden_layers=2,num_attention_heads=2," \
+    "intermediate_size=64"
+
+
+def digit_arrays(folder, count=48, offset=0):
+    """`count` scikit-learn digits as a .npz (uint8 8x8 images, labels 0-9)."""
+    digits = load_digits()
+    images = (digits.images[offset : offset + count] * (255 / 16)).astype(np.uint8)
+    path = os.path.join(folder, f"digits_{offset}.npz")
+    np.savez(path, images=images, labels=digits.target[offset : offset + count])
+    return path
+
+
+def image_args(tmp_path, *extra):
+    return [
+        "--train_file", digit_arrays(str(tmp_path), 64), "--validation_file", digit_arrays(str(tmp_path), 32, 64),
+        "--teacher_model_type", "vit", "--teacher_config_overrides", TINY_VIT,
+        "--teacher_num_train_epochs", "1", "--teacher_learning_rate", "1e-3",
+        "--student_config_overrides", "num_hidden_layers=1,hidden_size=16,intermediate_size=32",
+        "--output_dir", str(tmp_path / "run"), "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
+        "--learning_rate", "1e-3", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true",
+        "--disable_tqdm", "true", "--latency_batch_size", "16", "--latency_rounds", "1",
+        "--teacher_cache_dir", str(tmp_path / "cache"), *extra,
+    ]
+
+
+def test_vit_and_deit_students_from_arrays(tmp_path, capsys):
+    recipe.main(image_args(tmp_path, "--student_model_type", "vit", "deit"))
+    run = tmp_path / "run"
+    assert sorted(os.listdir(run)) == [
+        "baseline_deit", "baseline_vit", "hf_distill_run.json", "report.md", "report.png", "results.json",
+        "student_deit", "student_vit", "teacher",
+    ]
+    report = json.loads((run / "results.json").read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert names == ["teacher", "baseline_vit", "student_vit", "baseline_deit", "student_deit"]
+    assert report["main_metric"] == "accuracy"
+
+    # The reported accuracy is the saved model's on the validation images, recomputed here.
+    validation = np.load(tmp_path / "digits_64.npz")
+    pixels = torch.tensor((validation["images"] / 255.0 - 0.5) / 0.5, dtype=torch.float32)[:, None]
+    for name, model_class in (("student_vit", AutoModelForImageClassification),
+                              ("student_deit", DeiTForImageClassificationWithTeacher)):
+        model = model_class.from_pretrained(run / name).eval()
+        with torch.no_grad():
+            outputs = model(pixel_values=pixels)
+        accuracy = (outputs.logits.argmax(-1).numpy() == validation["labels"]).mean()
+        row = report["rows"][names.index(name)]
+        assert row["metric_value"] == pytest.approx(accuracy)
+        assert row["num_parameters"] < report["rows"][0]["num_parameters"]
+        if name == "student_deit":  # DeiT's inference: the mean of its two heads
+            torch.testing.assert_close(outputs.logits, (outputs.cls_logits + outputs.distillation_logits) / 2)
+        card = ModelCard.load(run / name / "README.md")
+        assert card.data.pipeline_tag == "image-classification" and "vision" in card.data.tags
+        assert card.data.distillation["teacher_outputs"] == "cached"
+        assert card.data.eval_results[0].metric_value == pytest.approx(accuracy)
+    assert "| student_deit |" in capsys.readouterr().out
+
+
+def test_image_folder_with_augmentation_runs_the_teacher_online(tmp_path):
+    digits = load_digits()
+    for split, start in (("train", 0), ("validation", 40)):
+        for index in range(start, start + 40 if split == "train" else start + 20):
+            folder = tmp_path / split / str(digits.target[index])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((digits.images[index] * 15).astype(np.uint8)).save(folder / f"{index}.png")
+    args = image_args(tmp_path, "--train_dir", str(tmp_path / "train"),
+                      "--validation_dir", str(tmp_path / "validation"), "--augment", "true", "--baseline", "false")
+    args = [arg for index, arg in enumerate(args) if not (arg.endswith(".npz") or args[index - 1] in (
+        "--train_file", "--validation_file") or arg in ("--train_file", "--validation_file"))]
+    recipe.main(args)
+    card = ModelCard.load(tmp_path / "run" / "student" / "README.md")
+    assert card.data.distillation["teacher_outputs"] == "online"
+    assert card.data.distillation["augmentation"] == {"max_shift": 1, "flip": False}
+    assert not (tmp_path / "cache").exists()  # nothing cached: a cached logit belongs to one view
+
+
+def test_augmented_views_differ_and_keep_their_size():
+    images = (load_digits().images[:4] * 15).astype(np.uint8)
+    splits = {"train": arrays_dataset(images, np.arange(4))}
+    from transformers import ViTImageProcessorPil
+
+    processor = ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
+    from datasets import DatasetDict
+
+    processed = process_images(DatasetDict(splits), processor, 1, {"max_shift": 2, "flip": False})["train"]
+    first, second = np.asarray(processed[0]["pixel_values"]), np.asarray(processed[0]["pixel_values"])
+    assert first.shape == (1, 8, 8) and not np.array_equal(first, second)
+
+
+# ---- bad input ----
+
+
+def test_teacher_given_twice_or_not_at_all(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of --teacher_model_name_or_path .* and --teacher_model_type"):
+        recipe.main(image_args(tmp_path, "--teacher_model_name_or_path", "some/vit"))
+
+
+def test_unknown_student_type(tmp_path):
+    with pytest.raises(ValueError, match=r"--student_model_type \['resnet'\]: use one or more of"):
+        recipe.main(image_args(tmp_path, "--student_model_type", "resnet"))
+
+
+def test_student_with_another_patch_size(tmp_path):
+    with pytest.raises(ValueError, match="must keep the teacher's image_size and patch_size"):
+        recipe.main(image_args(tmp_path, "--student_config_overrides", "patch_size=2"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_overrides_and_arrays(tmp_path):
+    with pytest.raises(ValueError, match="'hidden_size' is not key=value"):
+        recipe.main(image_args(tmp_path, "--student_config_overrides", "hidden_size"))
+    np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8)), labels=np.zeros(4, dtype=int))
+    with pytest.raises(ValueError, match="must be uint8"):
+        recipe.main(image_args(tmp_path, "--train_file", str(tmp_path / "float.npz")))
+
+
+def test_two_data_sources(tmp_path):
+    with pytest.raises(ValueError, match="exactly one data source"):
+        recipe.main(image_args(tmp_path, "--dataset_name", "sklearn_digits"))
