@@ -12,7 +12,15 @@ from .alignment import (
 from .arguments import DistillationTrainingArguments
 from .augment import augment_dataset
 from .cache import cache_teacher_logits
-from .losses import kl_divergence_loss, label_loss, logit_mse_loss
+from .heads import DistillationHead, head_for
+from .losses import (
+    divergence_per_row,
+    ensemble_logits,
+    kl_divergence_loss,
+    label_loss,
+    logit_mse_loss,
+    sparse_divergence_per_row,
+)
 from .student_init import init_student_from_teacher, select_teacher_layers
 from .trainer import DistillationTrainer
 from .wrapper import DistillWrapper
@@ -21,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistillWrapper",
+    "DistillationHead",
     "DistillationTrainer",
     "DistillationTrainingArguments",
     "HiddenStateProjection",
@@ -28,6 +37,9 @@ __all__ = [
     "attention_relation_loss",
     "augment_dataset",
     "cache_teacher_logits",
+    "divergence_per_row",
+    "ensemble_logits",
+    "head_for",
     "hidden_cosine_loss",
     "hidden_mse_loss",
     "init_student_from_teacher",
@@ -36,5 +48,6 @@ __all__ = [
     "logit_mse_loss",
     "resolve_layer_map",
     "select_teacher_layers",
+    "sparse_divergence_per_row",
     "value_relation_loss",
 ]
