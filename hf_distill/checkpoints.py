@@ -17,10 +17,11 @@ logger = logging.get_logger(__name__)
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def last_complete_checkpoint(output_dir: str, required_files: tuple[str, ...] = ()) -> str:
+def last_complete_checkpoint(output_dir: str, required_files: tuple[str, ...] = ()) -> str | None:
     """The newest `checkpoint-<step>` folder of `output_dir` holding `trainer_state.json` and `required_files`.
 
-    Incomplete newer ones are skipped with a warning. Raises `ValueError` when no checkpoint is complete.
+    Incomplete newer ones are skipped with a warning. Raises `ValueError` when checkpoints exist but none is
+    complete; returns None when there is none at all (Trainer then raises its own error).
     """
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
     steps = {int(match[1]): name for name in names if (match := _CHECKPOINT_NAME.match(name))}
@@ -41,4 +42,4 @@ def last_complete_checkpoint(output_dir: str, required_files: tuple[str, ...] = 
             "the run afresh (resume_from_checkpoint=None, after removing those folders), or pass the path of a "
             "complete checkpoint as resume_from_checkpoint."
         )
-    raise ValueError(f"No checkpoint found in output directory ({output_dir}) to resume from.")
+    return None

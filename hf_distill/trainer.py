@@ -904,7 +904,7 @@ class DistillationTrainer(Trainer):
             needs_projections = isinstance(self.accelerator.unwrap_model(self.model), DistillWrapper)
             resume_from_checkpoint = last_complete_checkpoint(
                 self.args.output_dir, (PROJECTIONS_FILE,) if needs_projections else ()
-            )
+            ) or resume_from_checkpoint
         return super().train(resume_from_checkpoint, trial, **kwargs)
 
     def _load_projections(self, checkpoint_dir: str, wrapper: DistillWrapper) -> None:

@@ -172,3 +172,10 @@ def test_callbacks_fire_in_trainers_order(tmp_path):
             callbacks=[recorder]).train()
         recorders.append(recorder.events)
     assert recorders[1] == recorders[0] and "on_evaluate" in recorders[0]
+
+
+def test_resuming_without_any_checkpoint_raises_trainers_error(tmp_path):
+    trainer = DistillationTrainer(model=tiny_bert(), args=plain_args(tmp_path, "out", eval_strategy="no"),
+                                  train_dataset=toy_dataset(8), data_collator=_pad)
+    with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
+        trainer.train(resume_from_checkpoint=True)
