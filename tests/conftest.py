@@ -298,19 +298,6 @@ class PadCollator:
 IMAGE_SIZE = 8
 
 
-def distill_args(tmp_path, **overrides):
-    """`DistillationTrainingArguments` for short CPU runs that log every step and save nothing."""
-    from hf_distill import DistillationTrainingArguments
-
-    defaults = dict(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=64,
-        learning_rate=1e-3, num_train_epochs=1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        seed=0, teacher_cache_dir=str(tmp_path / "cache"), disable_tqdm=True,
-    )
-    defaults.update(overrides)
-    return DistillationTrainingArguments(**defaults)
-
-
 def _bert_config(hidden_size, num_layers, num_labels, **config_kwargs):
     return BertConfig(
         vocab_size=VOCAB_SIZE, hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    distill_args,
     image_dataset,
+    make_args,
     reference_ce_rows,
     reference_kl_rows,
     tiny_deit_with_teacher,
@@ -45,7 +45,7 @@ def reference_loss(student_kd_logits, student_label_logits, teacher_logits, labe
 
 def make_trainer(tmp_path, student, teacher=None, train=None, eval_dataset=None, compute_metrics=None, **overrides):
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=train,
+        model=student, teacher_model=teacher, args=make_args(tmp_path, **overrides), train_dataset=train,
         eval_dataset=eval_dataset, compute_metrics=compute_metrics,
     )
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    distill_args,
+    make_args,
     qa_dataset,
     reference_ce_rows,
     reference_kl_rows,
@@ -50,7 +50,7 @@ def reference_loss(student, teacher, dataset, alpha, temperature):
 
 def make_trainer(tmp_path, tokenizer, student, teacher=None, train=None, eval_dataset=None, **overrides):
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=train,
+        model=student, teacher_model=teacher, args=make_args(tmp_path, **overrides), train_dataset=train,
         eval_dataset=eval_dataset, processing_class=tokenizer,
     )
 
@@ -77,7 +77,7 @@ def test_loss_matches_a_numpy_reference_over_real_positions(tmp_path, tokenizer,
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        args=distill_args(tmp_path, alpha=0.4, temperature=2.0, max_steps=1, learning_rate=0.0,
+        args=make_args(tmp_path, alpha=0.4, temperature=2.0, max_steps=1, learning_rate=0.0,
                           teacher_cache_dtype="float32", use_teacher_cache=use_teacher_cache),
     )
     metrics = trainer.evaluate()

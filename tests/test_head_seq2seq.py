@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import (
     VOCAB_SIZE,
-    distill_args,
+    make_args,
     reference_ce_rows,
     reference_kl_rows,
     seq2seq_dataset,
@@ -56,7 +56,7 @@ def make_trainer(tmp_path, tokenizer, student, teacher=None, train=None, eval_da
                  collator_builds_decoder_inputs=True, **overrides):
     collator = DataCollatorForSeq2Seq(tokenizer, model=student if collator_builds_decoder_inputs else None)
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=train,
+        model=student, teacher_model=teacher, args=make_args(tmp_path, **overrides), train_dataset=train,
         eval_dataset=eval_dataset, processing_class=tokenizer, data_collator=collator,
     )
 

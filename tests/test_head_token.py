@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    distill_args,
+    make_args,
     reference_ce_rows,
     reference_kl_rows,
     tiny_bert_qa,
@@ -46,7 +46,7 @@ def reference_loss(student, teacher, dataset, alpha, temperature):
 
 def make_trainer(tmp_path, tokenizer, student, teacher=None, train=None, eval_dataset=None, **overrides):
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=distill_args(tmp_path, **overrides), train_dataset=train,
+        model=student, teacher_model=teacher, args=make_args(tmp_path, **overrides), train_dataset=train,
         eval_dataset=eval_dataset, processing_class=tokenizer,
         data_collator=DataCollatorForTokenClassification(tokenizer),
     )

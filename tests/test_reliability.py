@@ -8,28 +8,11 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, toy_dataset
+from conftest import make_args, tiny_bert, toy_dataset
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, kl_divergence_loss
 
 SECRET = "hf_SECRETtoken0123456789abcdef"
-
-
-def make_args(tmp_path, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        num_train_epochs=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        teacher_cache_dir=str(tmp_path / "cache"),
-        disable_tqdm=True,
-    )
-    defaults.update(overrides)
-    return DistillationTrainingArguments(**defaults)
 
 
 def written_files(folder):
