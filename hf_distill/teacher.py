@@ -1,5 +1,6 @@
-"""Getting a frozen teacher ready: PEFT adapters merged, attention implementation, placement by accelerate, and
-the checks that its outputs can be distilled (logits present, finite).
+"""Getting frozen teachers ready: several teachers by name, PEFT adapters merged, attention implementation,
+placement by accelerate, the checks that their outputs can be distilled (logits present, finite), and their
+compatibility with the student (task head, label space, vocabulary).
 
 The teacher is never a submodule of the student: it is not in the optimizer, not wrapped in DDP, and never saved.
 """
@@ -13,6 +14,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 from transformers.utils import logging
+
+from .heads import TOPK, DistillationHead, head_for
 
 logger = logging.get_logger(__name__)
 
@@ -167,3 +170,84 @@ def check_teacher_logits_finite(logits: torch.Tensor, teacher: nn.Module) -> Non
             "dtype=torch.float32); under fp16 mixed precision the teacher runs in float16 too, so cache its logits "
             "in float32 first or train in bf16."
         )
+
+
+# ---- teacher-student compatibility ----
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module, head: DistillationHead, tokenizer) -> int | None:
+    """Raise `ValueError` when teacher and student disagree on labels or vocabulary; return the number of classes
+    to compare when vocabulary rows are padded (the first `len(tokenizer)`), else None."""
+    student_config, teacher_config = model_config(student), model_config(teacher)
+    if student_config is None or teacher_config is None:
+        return None
+    teacher_head = head_for(teacher) if has_head(teacher) else None
+    image_pair = {"image_classification", "deit_with_teacher"}
+    if teacher_head is not None and teacher_head.name != head.name and {teacher_head.name, head.name} != image_pair:
+        raise ValueError(
+            f"The teacher is a {type(base_model(teacher)).__name__} ({teacher_head.name} outputs) but the student is "
+            f"a {type(base_model(student)).__name__} ({head.name}): the teacher's distributions do not match the "
+            "student's. Use a teacher with the student's task head."
+        )
+    if head.cache_layout != TOPK:
+        check_label_spaces(student_config, teacher_config)
+    student_vocab = getattr(student_config.get_text_config(), "vocab_size", None)
+    teacher_vocab = getattr(teacher_config.get_text_config(), "vocab_size", None)
+    if student_vocab is None or teacher_vocab is None or student_vocab == teacher_vocab:
+        return None
+    tokenizer_size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+    if head.cache_layout == TOPK and tokenizer_size is not None and tokenizer_size <= min(student_vocab, teacher_vocab):
+        logger.info(
+            f"Teacher and student vocabularies have {teacher_vocab} and {student_vocab} rows for a tokenizer of "
+            f"{tokenizer_size} tokens (padded embeddings): comparing the first {tokenizer_size} logits."
+        )
+        return tokenizer_size
+    raise ValueError(
+        f"The teacher's vocabulary has {teacher_vocab} tokens but the student's has {student_vocab}: both read the "
+        "same input_ids, so they must share a tokenizer. Use a student built with the teacher's tokenizer"
+        + (" (pass it as processing_class when only the embedding rows are padded)." if head.cache_layout == TOPK
+           else ".")
+    )
+
+
+def check_label_spaces(student_config, teacher_config) -> None:
+    """Raise `ValueError` when the two configs have different labels, or the same labels in another order."""
+    if student_config.num_labels != teacher_config.num_labels:
+        raise ValueError(
+            f"The teacher has num_labels={teacher_config.num_labels} but the student has "
+            f"num_labels={student_config.num_labels}. Distillation needs one label space: build the student with "
+            f"num_labels={teacher_config.num_labels} (and the teacher's id2label)."
+        )
+    student_labels, teacher_labels = named_labels(student_config), named_labels(teacher_config)
+    if student_labels and teacher_labels and student_labels != teacher_labels:
+        raise ValueError(
+            f"The teacher's id2label {teacher_labels} differs from the student's {student_labels}: the logits would "
+            "be matched class by class in the wrong order. Build the student with the teacher's id2label."
+        )
+
+
+def model_config(model: nn.Module):
+    """The config of `model` (of the model under a PEFT wrapper), or None."""
+    return getattr(base_model(model), "config", None)
+
+
+def has_head(model: nn.Module) -> bool:
+    """Whether `model` is of a family `hf_distill.heads` serves."""
+    try:
+        head_for(model)
+    except ValueError:
+        return False
+    return True
+
+
+def named_labels(config) -> dict[int, str] | None:
+    """`id2label` with int keys, or None when it holds only the generic LABEL_i names."""
+    id2label = {int(key): value for key, value in (config.id2label or {}).items()}
+    if all(value == f"LABEL_{key}" for key, value in id2label.items()):
+        return None
+    return id2label
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

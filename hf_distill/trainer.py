@@ -38,8 +38,12 @@ from .losses import (
 )
 from .model_card import build_model_card
 from .teacher import (
+    base_model,
+    check_compatible,
     check_teacher_logits_finite,
     freeze_teacher,
+    model_config,
+    named_labels,
     named_teachers,
     place_teacher,
     use_eager_attention,
@@ -52,88 +56,13 @@ logger = logging.get_logger(__name__)
 LOSS_CHUNK_ROWS = 512
 
 
-def check_compatible(student: nn.Module, teacher: nn.Module, head: DistillationHead, tokenizer) -> int | None:
-    """Raise `ValueError` when teacher and student disagree on labels or vocabulary; return the number of classes
-    to compare when vocabulary rows are padded (the first `len(tokenizer)`), else None."""
-    student_config, teacher_config = _config(student), _config(teacher)
-    if student_config is None or teacher_config is None:
-        return None
-    teacher_head = head_for(teacher) if _has_head(teacher) else None
-    image_pair = {"image_classification", "deit_with_teacher"}
-    if teacher_head is not None and teacher_head.name != head.name and {teacher_head.name, head.name} != image_pair:
-        raise ValueError(
-            f"The teacher is a {type(_base_model(teacher)).__name__} ({teacher_head.name} outputs) but the student is "
-            f"a {type(_base_model(student)).__name__} ({head.name}): the teacher's distributions do not match the "
-            "student's. Use a teacher with the student's task head."
-        )
-    if head.cache_layout != TOPK:
-        _check_label_spaces(student_config, teacher_config)
-    student_vocab = getattr(student_config.get_text_config(), "vocab_size", None)
-    teacher_vocab = getattr(teacher_config.get_text_config(), "vocab_size", None)
-    if student_vocab is None or teacher_vocab is None or student_vocab == teacher_vocab:
-        return None
-    tokenizer_size = len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
-    if head.cache_layout == TOPK and tokenizer_size is not None and tokenizer_size <= min(student_vocab, teacher_vocab):
-        logger.info(
-            f"Teacher and student vocabularies have {teacher_vocab} and {student_vocab} rows for a tokenizer of "
-            f"{tokenizer_size} tokens (padded embeddings): comparing the first {tokenizer_size} logits."
-        )
-        return tokenizer_size
-    raise ValueError(
-        f"The teacher's vocabulary has {teacher_vocab} tokens but the student's has {student_vocab}: both read the "
-        "same input_ids, so they must share a tokenizer. Use a student built with the teacher's tokenizer"
-        + (" (pass it as processing_class when only the embedding rows are padded)." if head.cache_layout == TOPK
-           else ".")
-    )
-
-
-def _check_label_spaces(student_config, teacher_config) -> None:
-    if student_config.num_labels != teacher_config.num_labels:
-        raise ValueError(
-            f"The teacher has num_labels={teacher_config.num_labels} but the student has "
-            f"num_labels={student_config.num_labels}. Distillation needs one label space: build the student with "
-            f"num_labels={teacher_config.num_labels} (and the teacher's id2label)."
-        )
-    student_labels, teacher_labels = _named_labels(student_config), _named_labels(teacher_config)
-    if student_labels and teacher_labels and student_labels != teacher_labels:
-        raise ValueError(
-            f"The teacher's id2label {teacher_labels} differs from the student's {student_labels}: the logits would "
-            "be matched class by class in the wrong order. Build the student with the teacher's id2label."
-        )
-
-
-def _config(model: nn.Module):
-    return getattr(_base_model(model), "config", None)
-
-
-def _has_head(model: nn.Module) -> bool:
-    try:
-        head_for(model)
-    except ValueError:
-        return False
-    return True
-
-
-def _named_labels(config) -> dict[int, str] | None:
-    """`id2label` with int keys, or None when it holds only the generic LABEL_i names."""
-    id2label = {int(key): value for key, value in (config.id2label or {}).items()}
-    if all(value == f"LABEL_{key}" for key, value in id2label.items()):
-        return None
-    return id2label
-
-
 def _teacher_column(column: str, teacher_name: str) -> str:
     """The cache column of a teacher: `column` for a single teacher, `column_<name>` for one of several."""
     return f"{column}_{teacher_name}" if teacher_name else column
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _accepts(model: nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(_base_model(model).forward).parameters
+    return argument in inspect.signature(base_model(model).forward).parameters
 
 
 class DistillationTrainer(Trainer):
@@ -215,7 +144,7 @@ class DistillationTrainer(Trainer):
                                           processing_class)
             self.teacher_models = {name: freeze_teacher(teacher) for name, teacher in teachers.items()}
             #: Classes per distribution; the top-k width is at most this.
-            self._num_classes = distribution_width(_config(model), self.head)
+            self._num_classes = distribution_width(model_config(model), self.head)
             self._top_k = min(args.teacher_cache_top_k, self._num_classes)
             #: Each teacher's cache columns by field (`"logits"`, or the top-k fields).
             self._teacher_column_names = {
@@ -254,7 +183,7 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self.model_accepts_loss_kwargs = False
         if args.label_names is None:
-            student_class = _base_model(self.student).__class__
+            student_class = base_model(self.student).__class__
             # Trainer read the label names off the wrapper's class, or off a class that declares none (DeiT).
             self.label_names = find_labels(student_class) or list(self.head.default_label_names)
         self._student_keeps_logits = _accepts(self.student, "logits_to_keep")
@@ -319,7 +248,7 @@ class DistillationTrainer(Trainer):
         return self.student.config
 
     def _resolve_distillation_loss(self, model: nn.Module, args: DistillationTrainingArguments) -> str:
-        regression = self.head.cache_layout != TOPK and getattr(_config(model), "num_labels", None) == 1
+        regression = self.head.cache_layout != TOPK and getattr(model_config(model), "num_labels", None) == 1
         if args.distillation_loss == "auto":
             return "mse" if regression else "kl"
         if args.distillation_loss == "mse" and self.head.cache_layout == TOPK:
@@ -339,7 +268,7 @@ class DistillationTrainer(Trainer):
         )
         logger.info(f"Aligning student layers with teacher layers {self.layer_map} (1-based).")
         if args.attention_loss_weight > 0 or args.attention_relation_loss_weight > 0:
-            use_eager_attention(_base_model(student), "student")
+            use_eager_attention(base_model(student), "student")
             use_eager_attention(self.teacher_model, "teacher")
         if args.value_relation_loss_weight > 0:
             heads = args.relation_heads or student_config.num_attention_heads
@@ -437,7 +366,7 @@ class DistillationTrainer(Trainer):
             return super()._set_signature_columns_if_needed()
         if self._signature_columns is None:
             # The student's forward decides which columns reach the model, not the projections wrapper's.
-            signature = inspect.signature(_base_model(self.student).forward)
+            signature = inspect.signature(base_model(self.student).forward)
             self._signature_columns = list(signature.parameters) + list({"label", "label_ids", *self.label_names})
         teacher_columns_used = [column for names in self._teacher_column_names.values() for column in names.values()]
         for column in (*teacher_columns_used, self.args.sample_weight_column):
@@ -831,7 +760,7 @@ class DistillationTrainer(Trainer):
             return None
         output_dir = output_dir or self.args.output_dir
         teacher = teacher_model_name or [
-            getattr(_config(model), "_name_or_path", None) or f"teacher {name}".strip()
+            getattr(model_config(model), "_name_or_path", None) or f"teacher {name}".strip()
             for name, model in self.teacher_models.items()
         ] or "an unnamed teacher"
         if isinstance(teacher, list) and len(teacher) == 1:
@@ -855,7 +784,7 @@ class DistillationTrainer(Trainer):
             extra_tags=tags,
             dataset_split=dataset_split,
             pipeline_tag=self.head.pipeline_tag,
-            id2label=id2label if names_labels and _named_labels(config) else None,
+            id2label=id2label if names_labels and named_labels(config) else None,
             example_inputs=example_inputs,
         )
         os.makedirs(output_dir, exist_ok=True)
