@@ -14,6 +14,11 @@ Each benchmark is a ratio with a target:
   alignment run switches both models to eager attention, the baseline keeps the default SDPA: that cost is part of
   the ratio. Also run with a narrower student (2x256, 4 heads, learned projections), and against TextBrewer's
   `GeneralDistiller` when `textbrewer` is importable (it is not a dependency of hf_distill).
+- lm: a Llama-shaped causal LM (vocabulary 49,152, width 576 like SmolLM2-135M, teacher 8 layers, student 2,
+  batch 4 x 256 tokens): `DistillationTrainer` on a top-k cache / `Trainer` on labels (<= 1.05), online
+  (`use_teacher_cache=False`) / `Trainer` + a no-grad teacher forward (<= 1.05), top-k cache bytes on disk / dense
+  float32 bytes (<= 0.01), and the peak RSS (`VmHWM`) of the cache build and of each training variant, each in a
+  spawned process of its own (`--no_lm_rss` skips them).
 
 All variants run in one process. Within a benchmark they are interleaved over rounds (the order rotates every round)
 and the ratios compare medians over rounds, so load from other processes hits every variant alike. Step times are
@@ -26,6 +31,10 @@ randomly initialised: speed does not depend on the weights.
     python benchmarks/bench_speed.py --quick          # smoke test, a minute or two
     python benchmarks/bench_speed.py --threads 1 --cpu_time   # on a shared machine: CPU time of one thread
     python benchmarks/bench_speed.py --benchmarks cache e2e --rounds 5 --json figures.json
+    PYTHONPATH=. python benchmarks/bench_speed.py --benchmarks lm   # from a worktree: import its hf_distill
+
+The header prints which hf_distill was imported: run as `python benchmarks/bench_speed.py`, Python puts benchmarks/
+first on the path, not the checkout, so an editable install of another checkout is measured unless PYTHONPATH=.
 """
 
 import argparse
@@ -73,6 +82,7 @@ from transformers import (
     default_data_collator,
 )
 
+import hf_distill
 from hf_distill import (
     DistillationTrainer,
     DistillationTrainingArguments,
@@ -146,6 +156,8 @@ def parse_args():
     parser.add_argument("--lm_student_layers", type=int, default=2, help="Decoder layers of the lm student.")
     parser.add_argument("--lm_cache_examples", type=int, default=32,
                         help="Sequences cached for the lm cache-size and cache-build memory figures.")
+    parser.add_argument("--no_lm_rss", action="store_true",
+                        help="Skip the lm benchmark's peak-RSS processes (a cache build and a training run each).")
     parser.add_argument("--no_narrow", action="store_true", help="Skip the 2x256 student of the align benchmark.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--cpu_time", action="store_true",
@@ -855,6 +867,8 @@ def bench_lm(args, work_dir):
          f"{build_seconds:.1f} s ({num_tokens / build_seconds:.0f} tokens/s, batch {args.lm_batch_size})"],
     ))
 
+    if args.no_lm_rss:
+        return sections
     tasks = {
         f"cache build, {args.lm_cache_examples} sequences, batch_size 256 (the default)": "cache_default",
         f"cache build, {args.lm_cache_examples} sequences, batch_size {args.lm_batch_size}": "cache_small",
@@ -1020,6 +1034,7 @@ def main():
                     f"{transformers.__version__}, datasets {datasets.__version__}",
         "threads": torch.get_num_threads(),
         "data": str(args.data_dir),
+        "hf_distill": str(Path(hf_distill.__file__).parent),
         "rounds": args.rounds,
         "max_length": args.max_length,
         "attention": teacher.config._attn_implementation,
@@ -1028,7 +1043,7 @@ def main():
         "load_average_start": load_start,
     }
     print(f"Machine: {header['machine']}; {header['versions']}; {header['threads']} torch threads; "
-          f"{header['clock']}\n"
+          f"{header['clock']}; hf_distill from {header['hf_distill']}\n"
           f"Data: {args.data_dir}; rounds: {args.rounds}; max_length {args.max_length}; default attention "
           f"{header['attention']}; load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}",
           flush=True)
