@@ -14,6 +14,11 @@ Each benchmark is a ratio with a target:
   alignment run switches both models to eager attention, the baseline keeps the default SDPA: that cost is part of
   the ratio. Also run with a narrower student (2x256, 4 heads, learned projections), and against TextBrewer's
   `GeneralDistiller` when `textbrewer` is importable (it is not a dependency of hf_distill).
+- lm: a Llama-shaped causal LM (vocabulary 49,152, width 576 like SmolLM2-135M, teacher 8 layers, student 2,
+  batch 4 x 256 tokens): `DistillationTrainer` on a top-k cache / `Trainer` on labels (<= 1.05), online
+  (`use_teacher_cache=False`) / `Trainer` + a no-grad teacher forward (<= 1.05), top-k cache bytes on disk / dense
+  float32 bytes (<= 0.01), and the peak RSS (`VmHWM`) of the cache build and of each training variant, each in a
+  spawned process of its own (`--no_lm_rss` skips them).
 
 All variants run in one process. Within a benchmark they are interleaved over rounds (the order rotates every round)
 and the ratios compare medians over rounds, so load from other processes hits every variant alike. Step times are
@@ -26,6 +31,10 @@ randomly initialised: speed does not depend on the weights.
     python benchmarks/bench_speed.py --quick          # smoke test, a minute or two
     python benchmarks/bench_speed.py --threads 1 --cpu_time   # on a shared machine: CPU time of one thread
     python benchmarks/bench_speed.py --benchmarks cache e2e --rounds 5 --json figures.json
+    PYTHONPATH=. python benchmarks/bench_speed.py --benchmarks lm   # from a worktree: import its hf_distill
+
+The header prints which hf_distill was imported: run as `python benchmarks/bench_speed.py`, Python puts benchmarks/
+first on the path, not the checkout, so an editable install of another checkout is measured unless PYTHONPATH=.
 """
 
 import argparse
@@ -36,8 +45,10 @@ import gc
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -62,25 +73,33 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     DataCollatorWithPadding,
+    LlamaConfig,
+    LlamaForCausalLM,
     PrinterCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    default_data_collator,
 )
 
+import hf_distill
 from hf_distill import (
     DistillationTrainer,
     DistillationTrainingArguments,
     cache_teacher_logits,
 )
 from hf_distill.alignment import resolve_layer_map
+from hf_distill.cache import DATA_FILE as CACHE_DATA_FILE
+from hf_distill.cache import default_cache_path
 from hf_distill.glue import get_task, load_glue_data, tokenize_glue
 from hf_distill.heads import DistillationHead
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT / "recipes" / "data" / "sst2"
-BENCHMARKS = ("step", "cache", "e2e", "online", "align")
+BENCHMARKS = ("step", "cache", "e2e", "online", "align", "lm")
 TEMPERATURE = 2.0
+# SmolLM2's vocabulary.
+LM_VOCAB_SIZE = 49_152
 ALPHA = 0.5
 SEED = 42
 # Gaps between the first optimizer steps of a run are left out: they include kernel and allocator warm-up.
@@ -105,6 +124,9 @@ TARGETS = {
     "online": ("online: DistillationTrainer online / Trainer + teacher fwd", "<=", 1.05),
     "align": ("align: hidden+attention / logits only (2x384)", "<=", 1.15),
     "align_narrow": ("align: hidden+attention / logits only (2x256)", "<=", 1.15),
+    "lm_cached": ("lm: cached top-k step / Trainer LM step", "<=", 1.05),
+    "lm_online": ("lm: online KD step / Trainer LM step + teacher fwd", "<=", 1.05),
+    "lm_cache_bytes": ("lm: top-k cache bytes / dense float32 bytes", "<=", 0.01),
 }
 
 
@@ -127,6 +149,15 @@ def parse_args():
                         help="Batch sizes of the Trainer.predict baselines (8 is Trainer's default); the target "
                              "uses the fastest.")
     parser.add_argument("--max_length", type=int, default=64, help="Tokenizer truncation length.")
+    parser.add_argument("--lm_batch_size", type=int, default=4, help="Sequences per step of the lm benchmark.")
+    parser.add_argument("--lm_seq_length", type=int, default=256, help="Tokens per sequence of the lm benchmark.")
+    parser.add_argument("--lm_steps", type=int, default=10, help="Optimizer steps per run of the lm benchmark.")
+    parser.add_argument("--lm_teacher_layers", type=int, default=8, help="Decoder layers of the lm teacher.")
+    parser.add_argument("--lm_student_layers", type=int, default=2, help="Decoder layers of the lm student.")
+    parser.add_argument("--lm_cache_examples", type=int, default=32,
+                        help="Sequences cached for the lm cache-size and cache-build memory figures.")
+    parser.add_argument("--no_lm_rss", action="store_true",
+                        help="Skip the lm benchmark's peak-RSS processes (a cache build and a training run each).")
     parser.add_argument("--no_narrow", action="store_true", help="Skip the 2x256 student of the align benchmark.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--cpu_time", action="store_true",
@@ -142,9 +173,10 @@ def parse_args():
     if args.quick:
         args.rounds, args.num_train, args.max_steps, args.online_steps = 1, 256, 8, 6
         args.num_cache, args.num_e2e = 512, 128
+        args.lm_steps, args.lm_cache_examples = SKIPPED_STEP_GAPS + 2, 8
     min_steps = SKIPPED_STEP_GAPS + 2
-    if min(args.max_steps, args.online_steps) < min_steps:
-        parser.error(f"--max_steps and --online_steps must be >= {min_steps} to leave steps to time.")
+    if min(args.max_steps, args.online_steps, args.lm_steps) < min_steps:
+        parser.error(f"--max_steps, --online_steps and --lm_steps must be >= {min_steps} to leave steps to time.")
     data_dir = Path(args.data_dir).expanduser().resolve() if args.data_dir else DEFAULT_DATA_DIR
     if not (data_dir / "train.tsv").is_file():
         parser.error(f"{data_dir / 'train.tsv'} does not exist: pass --data_dir, the folder holding SST-2 train.tsv.")
@@ -279,10 +311,11 @@ class TeacherForwardTrainer(Trainer):
 
 
 class RecordingCollator:
-    """`DataCollatorWithPadding` that records each batch's `input_ids` shape, to check variants saw the same batches."""
+    """`DataCollatorWithPadding` (or `collator`) that records each batch's `input_ids` shape, to check variants saw
+    the same batches."""
 
-    def __init__(self, tokenizer):
-        self.collator = DataCollatorWithPadding(tokenizer)
+    def __init__(self, tokenizer, collator=None):
+        self.collator = collator if collator is not None else DataCollatorWithPadding(tokenizer)
         self.shapes = []
 
     def __call__(self, features):
@@ -669,6 +702,201 @@ def bench_online(args, tokenizer, sentences, teacher, students, work_dir):
     return sections
 
 
+# Causal LM
+
+
+def llama(args, num_layers: int, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama with SmolLM2-135M's width (576, 9 heads, 3 KV heads, FFN 1536, tied
+    embeddings) and vocabulary (49,152), `num_layers` deep."""
+    config = LlamaConfig(
+        vocab_size=LM_VOCAB_SIZE, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+        num_key_value_heads=3, num_hidden_layers=num_layers, max_position_embeddings=args.lm_seq_length,
+        tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def lm_dataset(args) -> datasets.Dataset:
+    """Random token blocks of `lm_seq_length` (run_clm's grouped texts), `labels` = `input_ids`."""
+    num_examples = max(args.lm_steps * args.lm_batch_size, args.lm_cache_examples)
+    ids = np.random.default_rng(0).integers(3, LM_VOCAB_SIZE, size=(num_examples, args.lm_seq_length)).tolist()
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": [[1] * args.lm_seq_length] * num_examples, "labels": ids}
+    )
+
+
+def lm_trainer(kind: str, args, student, teacher, data: dict, work_dir: str, max_steps: int, collator) -> Trainer:
+    """One variant of the lm benchmark: `plain` (`Trainer` on labels), `floor` (plain + a no-grad teacher forward),
+    `cached` (`DistillationTrainer` on the top-k cache) or `online` (`DistillationTrainer`, teacher every step)."""
+    common = dict(model=student, data_collator=collator)
+    if kind in ("plain", "floor"):
+        arguments = training_arguments(TrainingArguments, work_dir, args.lm_batch_size, max_steps=max_steps)
+        if kind == "plain":
+            return Trainer(args=arguments, train_dataset=data["plain"], **common)
+        return TeacherForwardTrainer(args=arguments, train_dataset=data["plain"], teacher_model=teacher, **common)
+    if kind == "cached":
+        arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps)
+        return DistillationTrainer(args=arguments, train_dataset=data["cached"], **common)
+    arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps, use_teacher_cache=False)
+    return DistillationTrainer(args=arguments, train_dataset=data["plain"], teacher_model=teacher, **common)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far, in MiB.
+
+    Linux's `VmHWM` where there is one: `getrusage`'s `ru_maxrss` survives `execve`, so a spawned process would
+    report at least its parent's size at the fork.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    # ru_maxrss: KiB on Linux, bytes on macOS.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 1024**2)
+
+
+def lm_rss_worker(task: str, args, paths: dict, results) -> None:
+    """In a fresh process: build what `task` needs, note the peak RSS, run it, note the peak RSS again."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    data = {"plain": datasets.load_from_disk(paths["plain"])}
+    if task.startswith("cache"):
+        teacher = llama(args, args.lm_teacher_layers, seed=0).eval().requires_grad_(False)
+        batch_size = 256 if task == "cache_default" else args.lm_batch_size
+        dataset = data["plain"].select(range(args.lm_cache_examples))
+        before = peak_rss_mib()
+        with without_progress_bar():
+            cache_teacher_logits(teacher, dataset, cache_dir=tempfile.mkdtemp(dir=paths["work_dir"]),
+                                 temperature=TEMPERATURE, batch_size=batch_size)
+    else:
+        teacher = None
+        if task in ("online", "floor"):
+            teacher = llama(args, args.lm_teacher_layers, seed=0).eval().requires_grad_(False)
+        if task == "cached":
+            data["cached"] = datasets.load_from_disk(paths["cached"])
+        student = llama(args, args.lm_student_layers, seed=1)
+        collator = RecordingCollator(None, default_data_collator)
+        trainer = lm_trainer(task, args, student, teacher, data, paths["work_dir"], args.lm_steps, collator)
+        trainer.remove_callback(PrinterCallback)
+        before = peak_rss_mib()
+        trainer.train()
+    results.put((before, peak_rss_mib()))
+
+
+def measure_peak_rss(task: str, args, paths: dict) -> tuple[float, float]:
+    """`(peak RSS before the work, peak RSS after it)` in MiB, of `task` run alone in a spawned process: a
+    process's high-water mark covers everything torch allocated, which tracemalloc does not see."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=lm_rss_worker, args=(task, args, paths, results))
+    process.start()
+    try:
+        before_after = results.get(timeout=3600)
+    finally:
+        process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"The peak-RSS process of '{task}' exited with code {process.exitcode}.")
+    return before_after
+
+
+def bench_lm(args, work_dir):
+    """Causal LM: step times (cached top-k, online) against `Trainer`, top-k cache size, peak RSS per variant."""
+    teacher = llama(args, args.lm_teacher_layers, seed=0).eval().requires_grad_(False)
+    student = llama(args, args.lm_student_layers, seed=1)
+    plain = lm_dataset(args)
+    paths = {"work_dir": work_dir, "plain": os.path.join(work_dir, "lm-plain"),
+             "cached": os.path.join(work_dir, "lm-cached")}
+    plain.save_to_disk(paths["plain"])
+    plain = datasets.load_from_disk(paths["plain"])
+    cache_dir = os.path.join(work_dir, "lm-cache")
+    # Batches of lm_batch_size: the default 256 sequences would hold 256 x seq x vocab float32 logits at once.
+    with without_progress_bar():
+        build_seconds, cached = timed(lambda: cache_teacher_logits(
+            teacher, plain, cache_dir=cache_dir, temperature=TEMPERATURE, batch_size=args.lm_batch_size))
+    cached.save_to_disk(paths["cached"])
+    data = {"plain": plain, "cached": datasets.load_from_disk(paths["cached"])}
+    top_k = DistillationTrainingArguments(output_dir=work_dir).teacher_cache_top_k
+
+    def run(kind, max_steps):
+        collator = RecordingCollator(None, default_data_collator)
+        trainer = lm_trainer(kind, args, copy.deepcopy(student), teacher, data, work_dir, max_steps, collator)
+        return train_and_time(trainer, collator)
+
+    names = {"plain": "Trainer (labels)", "cached": f"DistillationTrainer (cached top-{top_k})",
+             "floor": "Trainer + teacher forward (floor)", "online": "DistillationTrainer online"}
+
+    def variants(max_steps):
+        return {name: lambda kind=kind: run(kind, max_steps) for kind, name in names.items()}
+
+    print("  warm-up run of every variant", flush=True)
+    for variant in variants(SKIPPED_STEP_GAPS + 3).values():
+        variant()
+    values, fingerprints = run_rounds(variants(args.lm_steps), args.rounds)
+    shape = (f"Llama-shaped, vocab {LM_VOCAB_SIZE}, width 576, teacher {args.lm_teacher_layers} layers, student "
+             f"{args.lm_student_layers} layers, random weights; {args.lm_batch_size} x {args.lm_seq_length} tokens a "
+             "step")
+    sections = [section(
+        "lm",
+        f"Causal LM step time: {shape}, mean over steps {SKIPPED_STEP_GAPS + 2}-{args.lm_steps}",
+        "s/step",
+        values,
+        {
+            "lm_cached": (names["cached"], names["plain"]),
+            "lm_online": (names["online"], names["floor"]),
+            "lm: teacher forward share (floor / Trainer)": (names["floor"], names["plain"]),
+        },
+        [same_work_note(fingerprints, list(values))],
+    )]
+
+    arrow_file = os.path.join(default_cache_path(plain, "teacher_logits", cache_dir), CACHE_DATA_FILE)
+    cache_bytes = os.path.getsize(arrow_file)
+    num_tokens = len(plain) * args.lm_seq_length  # the cache stores every input position
+    dense_bytes = num_tokens * LM_VOCAB_SIZE * 4
+    sections.append(section(
+        "lm",
+        f"Causal LM top-k cache size: {len(plain)} sequences x {args.lm_seq_length} tokens, k={top_k} (the default), "
+        "float16 log-probabilities",
+        "bytes",
+        {f"top-{top_k} cache (Arrow file on disk)": [cache_bytes],
+         "dense float32 (tokens x vocab x 4)": [dense_bytes]},
+        {"lm_cache_bytes": (f"top-{top_k} cache (Arrow file on disk)", "dense float32 (tokens x vocab x 4)")},
+        [f"{cache_bytes / num_tokens:.1f} bytes a token on disk against {LM_VOCAB_SIZE * 4} dense; the build took "
+         f"{build_seconds:.1f} s ({num_tokens / build_seconds:.0f} tokens/s, batch {args.lm_batch_size})"],
+    ))
+
+    if args.no_lm_rss:
+        return sections
+    tasks = {
+        f"cache build, {args.lm_cache_examples} sequences, batch_size 256 (the default)": "cache_default",
+        f"cache build, {args.lm_cache_examples} sequences, batch_size {args.lm_batch_size}": "cache_small",
+        "Trainer (labels), training": "plain",
+        f"DistillationTrainer (cached top-{top_k}), training": "cached",
+        "Trainer + teacher forward (floor), training": "floor",
+        "DistillationTrainer online, training": "online",
+    }
+    peaks, baselines = {}, {}
+    for name, task in tasks.items():
+        before, after = measure_peak_rss(task, args, paths)
+        peaks[name], baselines[name] = [after], before
+        print(f"  peak RSS {name}: {after:.0f} MiB ({before:.0f} MiB before the work)", flush=True)
+    sections.append(section(
+        "lm",
+        f"Causal LM peak RSS, one spawned process per variant ({args.lm_steps} training steps; {shape})",
+        "MiB",
+        peaks,
+        {"lm: cached training / Trainer training (peak RSS)": (
+            f"DistillationTrainer (cached top-{top_k}), training", "Trainer (labels), training"),
+         "lm: online training / floor training (peak RSS)": (
+            "DistillationTrainer online, training", "Trainer + teacher forward (floor), training")},
+        ["peak RSS before the work (imports, models, data loaded): "
+         + "; ".join(f"{name}: {value:.0f} MiB" for name, value in baselines.items())],
+    ))
+    return sections
+
+
 # TextBrewer, optional
 
 
@@ -806,6 +1034,7 @@ def main():
                     f"{transformers.__version__}, datasets {datasets.__version__}",
         "threads": torch.get_num_threads(),
         "data": str(args.data_dir),
+        "hf_distill": str(Path(hf_distill.__file__).parent),
         "rounds": args.rounds,
         "max_length": args.max_length,
         "attention": teacher.config._attn_implementation,
@@ -814,7 +1043,7 @@ def main():
         "load_average_start": load_start,
     }
     print(f"Machine: {header['machine']}; {header['versions']}; {header['threads']} torch threads; "
-          f"{header['clock']}\n"
+          f"{header['clock']}; hf_distill from {header['hf_distill']}\n"
           f"Data: {args.data_dir}; rounds: {args.rounds}; max_length {args.max_length}; default attention "
           f"{header['attention']}; load average at start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}",
           flush=True)
@@ -827,6 +1056,7 @@ def main():
         ("e2e", lambda: bench_e2e(args, tokenizer, sentences, teacher, students["2x384"], work_dir)),
         # online and align share their runs: the logits-only online run is the denominator of align.
         ("online align", lambda: bench_online(args, tokenizer, sentences, teacher, students, work_dir)),
+        ("lm", lambda: bench_lm(args, work_dir)),
     ]
     rows, sections, errors = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench_speed-") as work_dir:

@@ -49,6 +49,10 @@ DATA_FILE = "teacher_outputs.arrow"
 # Part of every cache's path: a new format (or digest definition) never reads, nor refuses, an older cache.
 CACHE_FORMAT_VERSION = 3
 SHARD_EXAMPLES = 2048
+# Top-k layouts: float32 logits of one teacher forward are tokens x vocabulary (a batch of 256 sequences of 256
+# tokens over a 49,152 vocabulary is 12.9 GB), and _encode adds copies of that size. Without a token budget from the
+# caller, one forward holds at most this many bytes of logits.
+TOPK_LOGITS_BYTES_PER_FORWARD = 256 * 2**20
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 # Padding of model inputs in a teacher batch; other columns pad with 0.
 _PAD_VALUES = {"labels": -100}
@@ -369,7 +373,8 @@ def cache_teacher_logits(
         cache_dir: folder holding the caches; default beside the dataset's Arrow files or in the datasets cache.
         dtype: storage dtype of logits and log-probabilities, `"float16"` or `"float32"`.
         batch_size: most examples per teacher forward; batches are formed from length-sorted examples.
-        max_batch_tokens: optional budget of padded tokens per forward (examples x longest length).
+        max_batch_tokens: optional budget of padded tokens per forward (examples x longest length); top-k
+            layouts default to the tokens whose float32 logits fit `TOPK_LOGITS_BYTES_PER_FORWARD`.
         overwrite: rebuild a cache that other inputs produced instead of refusing it.
         device: where the teacher runs; default the device of its parameters.
         show_progress: show a progress bar while the teacher runs.
@@ -418,6 +423,8 @@ def cache_teacher_logits(
         device = next(teacher.parameters()).device
     num_classes = distribution_width(teacher.config, head)
     top_k = min(top_k, num_classes)
+    if head.cache_layout == TOPK and max_batch_tokens is None:
+        max_batch_tokens = max(1, TOPK_LOGITS_BYTES_PER_FORWARD // (4 * num_classes))
     path = default_cache_path(dataset, column, cache_dir)
     record = _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
     build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,

@@ -179,3 +179,25 @@ def test_cache_records_k_and_temperature(tmp_path):
     cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path), top_k=4, temperature=2.0)
     with pytest.raises(ValueError, match="built from other inputs:\n.*temperature: cached 2.0, now 1.0"):
         cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path), top_k=4, temperature=1.0)
+
+
+def test_top_k_cache_bounds_the_logits_of_each_teacher_forward(tmp_path, monkeypatch):
+    import hf_distill.cache as cache_module
+
+    teacher = tiny_llama(seed=2)
+    dataset = toy_lm_dataset(8, min_length=6, max_length=10)
+    unbounded = cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path / "unbounded"), top_k=4,
+                                     max_batch_tokens=10**6)
+    # Room for the float32 logits of 20 tokens per forward: at most 2 sequences of 6-10 tokens.
+    monkeypatch.setattr(cache_module, "TOPK_LOGITS_BYTES_PER_FORWARD", 20 * 4 * LM_VOCAB_SIZE)
+    shapes = []
+    handle = teacher.register_forward_pre_hook(
+        lambda _module, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    bounded = cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path / "bounded"), top_k=4)
+    handle.remove()
+    assert shapes and max(rows * width for rows, width in shapes) <= 20
+    assert sum(rows for rows, _ in shapes) == len(dataset)
+    for column in ("teacher_topk_ids", "teacher_topk_log_probs", "teacher_topk_rest"):
+        for left, right in zip(bounded[column], unbounded[column]):
+            np.testing.assert_allclose(left, right, rtol=1e-3, atol=1e-3)
