@@ -158,11 +158,28 @@ def sparse_divergence_per_row(
     Returns:
         float32 `(rows,)`.
     """
-    if tail not in TOPK_TAILS:
-        raise ValueError(f"Unknown top-k tail handling {tail!r}: use one of {TOPK_TAILS}.")
     if student_temperature is None:
         student_temperature = temperature
     student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    divergence = sparse_divergence_from_log_probs(
+        student_log_probs, teacher_topk_ids, teacher_topk_log_probs, teacher_rest_probs, kind, tail, beta
+    )
+    return divergence * (temperature * student_temperature)
+
+
+def sparse_divergence_from_log_probs(
+    student_log_probs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_log_probs: torch.Tensor,
+    teacher_rest_probs: torch.Tensor,
+    kind: str = "kl",
+    tail: str = "rest",
+    beta: float = 0.5,
+) -> torch.Tensor:
+    """`sparse_divergence_per_row` from the student's log-probabilities `(rows, vocab)`, without the `T * T_s`
+    factor (so that one log-softmax can serve the label term too)."""
+    if tail not in TOPK_TAILS:
+        raise ValueError(f"Unknown top-k tail handling {tail!r}: use one of {TOPK_TAILS}.")
     ids = teacher_topk_ids.long()
     student_topk = student_log_probs.gather(-1, ids)
     teacher_topk = teacher_topk_log_probs.float()
@@ -170,14 +187,13 @@ def sparse_divergence_per_row(
         student_buckets = student_topk - torch.logsumexp(student_topk, dim=-1, keepdim=True)
         teacher_buckets = teacher_topk - torch.logsumexp(teacher_topk, dim=-1, keepdim=True)
     else:
-        outside = student_log_probs.scatter(-1, ids, -torch.inf)
-        student_buckets = torch.cat([student_topk, torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1)
+        student_rest = _log_rest(student_log_probs, student_topk, ids)
+        student_buckets = torch.cat([student_topk, student_rest.unsqueeze(-1)], dim=-1)
         teacher_rest = teacher_rest_probs.float().clamp_min(0.0).unsqueeze(-1)
         teacher_buckets = torch.cat([teacher_topk, torch.log(teacher_rest)], dim=-1)
         # float16 storage rounds the k log-probabilities: renormalise so the buckets sum to exactly 1.
         teacher_buckets = teacher_buckets - torch.logsumexp(teacher_buckets, dim=-1, keepdim=True)
-    divergence = divergence_from_log_probs(student_buckets, teacher_buckets, kind, beta)
-    return divergence * (temperature * student_temperature)
+    return divergence_from_log_probs(student_buckets, teacher_buckets, kind, beta)
 
 
 def ensemble_logits(
@@ -202,8 +218,28 @@ def ensemble_logits(
     return temperature * torch.logsumexp(log_probs, dim=0)
 
 
+# Above this top-k mass, log(1 - mass) loses precision in float32: those rows sum the rest exactly.
+_EXACT_REST_ABOVE = 1.0 - 1e-3
+
+
+def _log_rest(log_probs: torch.Tensor, topk_log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`log(1 - sum of the probabilities at ids)` per row `(rows,)`.
+
+    `log1p(-mass)` costs nothing beside the softmax; where the k classes hold almost all the mass it would cancel,
+    so those rows (only) sum the probabilities outside the k classes instead, over the whole row.
+    """
+    mass = topk_log_probs.double().exp().sum(-1)
+    rest = torch.log1p(-mass.clamp(max=_EXACT_REST_ABOVE)).to(log_probs.dtype)
+    near_one = torch.nonzero(mass > _EXACT_REST_ABOVE).squeeze(-1)
+    if near_one.numel():
+        outside = log_probs[near_one].scatter(-1, ids[near_one], -torch.inf)
+        rest = rest.index_put((near_one,), torch.logsumexp(outside, dim=-1))
+    return rest
+
+
 def chunked_per_row(function, *row_tensors: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
-    """`function(*row_tensors)` evaluated `chunk_size` rows at a time, each chunk recomputed in backward.
+    """`function(*row_tensors)` evaluated `chunk_size` rows at a time, each chunk recomputed in backward; in one
+    piece (no recomputation) when the rows fit in one chunk.
 
     For vocabulary-sized rows: only the inputs are kept for backward, not the float32 softmax intermediates of
     every row, so peak memory is bounded by one chunk.

@@ -30,11 +30,12 @@ from .heads import DENSE, TOPK, DistillationHead, TopKTarget, Units, head_for
 from .hooks import capture_outputs, value_projections
 from .losses import (
     chunked_per_row,
+    divergence_from_log_probs,
     divergence_per_row,
     ensemble_logits,
     label_loss_per_row,
     mse_per_row,
-    sparse_divergence_per_row,
+    sparse_divergence_from_log_probs,
 )
 from .model_card import build_model_card
 from .teacher import (
@@ -52,8 +53,9 @@ from .validation import check_distillation_inputs
 from .wrapper import PROJECTIONS_FILE, DistillWrapper
 
 logger = logging.get_logger(__name__)
-# Rows of vocabulary-sized logits per loss chunk: bounds the float32 softmax intermediates kept for backward.
-LOSS_CHUNK_ROWS = 512
+# Logits per loss chunk (rows x classes): bounds the float32 softmax intermediates kept for backward (~256 MiB
+# each); a batch that fits is computed in one piece, without the recomputation in backward.
+LOSS_CHUNK_ELEMENTS = 2**26
 
 
 def _teacher_column(column: str, teacher_name: str) -> str:
@@ -444,10 +446,13 @@ class DistillationTrainer(Trainer):
         row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
         if sample_weight is not None:
             row_weight = sample_weight.float()[units.example_index]
-        loss_kd_rows = torch.stack(
-            [self._divergence_rows(student, teacher) for student, teacher in zip(student_views, teacher_views)]
-        ).mean(0)
-        loss_ce_rows, labelled_rows = self._label_rows(student_outputs, units, inputs)
+        if head.cache_layout == TOPK:  # one view of vocabulary-sized logits: one student log-softmax for both terms
+            loss_kd_rows, loss_ce_rows, labelled_rows = self._vocabulary_rows(student_views[0], teacher_views[0], units)
+        else:
+            loss_kd_rows = torch.stack(
+                [self._divergence_rows(student, teacher) for student, teacher in zip(student_views, teacher_views)]
+            ).mean(0)
+            loss_ce_rows, labelled_rows = self._label_rows(student_outputs, units, inputs)
         kd_weight, ce_weight = row_weight.sum(), (row_weight * labelled_rows).sum()
         kd_total, ce_total, examples_share = self._step_normalisers(mode, kd_weight, ce_weight, units)
         kd_sum = (row_weight * loss_kd_rows).sum()
@@ -466,17 +471,47 @@ class DistillationTrainer(Trainer):
                     self._record_agreement(f"teacher_agreement_{name}", student_views, views, row_weight)
         return (loss, head.predictions(student_outputs)) if return_outputs else loss
 
-    def _divergence_rows(self, student_logits: torch.Tensor, target) -> torch.Tensor:
-        """The distillation loss of every row `(rows,)` against a dense `(rows, classes)` or top-k target."""
+    def _vocabulary_rows(self, student_logits: torch.Tensor, target, units: Units):
+        """Distillation and label loss per row `(rows,)` of vocabulary-sized logits against a top-k target (cached)
+        or the teacher's logits (online), with one student log-softmax for both when the student's temperature is
+        1; and which rows are labelled."""
         args = self.args
-        if isinstance(target, TopKTarget):
-            def rows(logits, ids, log_probs, rest):
-                return sparse_divergence_per_row(logits, ids, log_probs, rest, self.distillation_loss,
-                                                 args.topk_tail, args.temperature, args.student_temperature,
-                                                 args.jsd_beta)
+        labelled_rows = units.labelled[units.kd].float()
+        label_targets = units.label_targets[units.kd] if units.label_targets is not None else None
+        if label_targets is None:
+            label_targets = torch.full(labelled_rows.shape, -100, dtype=torch.long, device=labelled_rows.device)
 
-            return chunked_per_row(rows, student_logits, target.ids, target.log_probs, target.rest_probs,
-                                   chunk_size=LOSS_CHUNK_ROWS)
+        def log_softmax(logits, temperature):
+            # No division at temperature 1: on vocabulary-sized rows every elementwise pass counts.
+            return torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
+
+        def rows(logits, targets, *teacher):
+            student_log_probs = log_softmax(logits, args.student_temperature)
+            if len(teacher) == 3:
+                kd = sparse_divergence_from_log_probs(student_log_probs, *teacher, self.distillation_loss,
+                                                      args.topk_tail, args.jsd_beta)
+            else:
+                kd = divergence_from_log_probs(student_log_probs, log_softmax(teacher[0], args.temperature),
+                                               self.distillation_loss, args.jsd_beta)
+            kd = kd * (args.temperature * args.student_temperature)
+            label_log_probs = student_log_probs if args.student_temperature == 1.0 else torch.log_softmax(
+                logits.float(), dim=-1)
+            labelled = targets >= 0
+            ce = -label_log_probs.gather(-1, targets.clamp_min(0).long()[:, None]).squeeze(-1)
+            return torch.stack([kd, torch.where(labelled, ce, torch.zeros_like(ce))], dim=-1)
+
+        teacher = (target.ids, target.log_probs, target.rest_probs) if isinstance(target, TopKTarget) else (target,)
+        both = chunked_per_row(rows, student_logits, label_targets, *teacher,
+                               chunk_size=self._chunk_rows(student_logits))
+        return both[:, 0], both[:, 1], labelled_rows
+
+    @staticmethod
+    def _chunk_rows(logits: torch.Tensor) -> int:
+        return max(1, LOSS_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+
+    def _divergence_rows(self, student_logits: torch.Tensor, target) -> torch.Tensor:
+        """The distillation loss of every row `(rows,)` against a dense `(rows, classes)` target."""
+        args = self.args
         if self.distillation_loss == "mse":
             return mse_per_row(student_logits, target)
 
@@ -484,7 +519,7 @@ class DistillationTrainer(Trainer):
             return divergence_per_row(logits, teacher_logits, self.distillation_loss, args.temperature,
                                       args.student_temperature, args.jsd_beta)
 
-        return chunked_per_row(rows, student_logits, target, chunk_size=LOSS_CHUNK_ROWS)
+        return chunked_per_row(rows, student_logits, target, chunk_size=self._chunk_rows(student_logits))
 
     def _label_rows(self, student_outputs, units: Units, inputs: dict):
         """`(loss per row, labelled per row)` of the label term over the `kd` rows, averaged over the views."""
@@ -496,7 +531,7 @@ class DistillationTrainer(Trainer):
             def rows(view_logits, view_targets):
                 return label_loss_per_row(view_logits, view_targets)
 
-            losses.append(chunked_per_row(rows, logits, targets, chunk_size=LOSS_CHUNK_ROWS))
+            losses.append(chunked_per_row(rows, logits, targets, chunk_size=self._chunk_rows(logits)))
         return torch.stack(losses).mean(0), labelled_rows
 
     def _combined_views(self, views_by_teacher: dict[str, list]) -> list:
