@@ -150,6 +150,8 @@ def parse_args():
                              "uses the fastest.")
     parser.add_argument("--max_length", type=int, default=64, help="Tokenizer truncation length.")
     parser.add_argument("--lm_batch_size", type=int, default=4, help="Sequences per step of the lm benchmark.")
+    parser.add_argument("--lm_temperature", type=float, default=1.0,
+                        help="Distillation temperature of the lm benchmark (1: one log-softmax serves both terms).")
     parser.add_argument("--lm_seq_length", type=int, default=256, help="Tokens per sequence of the lm benchmark.")
     parser.add_argument("--lm_steps", type=int, default=10, help="Optimizer steps per run of the lm benchmark.")
     parser.add_argument("--lm_teacher_layers", type=int, default=8, help="Decoder layers of the lm teacher.")
@@ -236,9 +238,8 @@ def training_arguments(args_class, output_dir: str, batch_size: int, **overrides
 
 
 def distillation_arguments(output_dir: str, batch_size: int, **overrides):
-    return training_arguments(
-        DistillationTrainingArguments, output_dir, batch_size, temperature=TEMPERATURE, alpha=ALPHA, **overrides
-    )
+    values = {"temperature": TEMPERATURE, "alpha": ALPHA, **overrides}
+    return training_arguments(DistillationTrainingArguments, output_dir, batch_size, **values)
 
 
 def alignment_unavailable() -> str | None:
@@ -736,9 +737,11 @@ def lm_trainer(kind: str, args, student, teacher, data: dict, work_dir: str, max
             return Trainer(args=arguments, train_dataset=data["plain"], **common)
         return TeacherForwardTrainer(args=arguments, train_dataset=data["plain"], teacher_model=teacher, **common)
     if kind == "cached":
-        arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps)
+        arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps,
+                                           temperature=args.lm_temperature)
         return DistillationTrainer(args=arguments, train_dataset=data["cached"], **common)
-    arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps, use_teacher_cache=False)
+    arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps, use_teacher_cache=False,
+                                       temperature=args.lm_temperature)
     return DistillationTrainer(args=arguments, train_dataset=data["plain"], teacher_model=teacher, **common)
 
 
@@ -815,7 +818,7 @@ def bench_lm(args, work_dir):
     # Batches of lm_batch_size: the default 256 sequences would hold 256 x seq x vocab float32 logits at once.
     with without_progress_bar():
         build_seconds, cached = timed(lambda: cache_teacher_logits(
-            teacher, plain, cache_dir=cache_dir, temperature=TEMPERATURE, batch_size=args.lm_batch_size))
+            teacher, plain, cache_dir=cache_dir, temperature=args.lm_temperature, batch_size=args.lm_batch_size))
     cached.save_to_disk(paths["cached"])
     data = {"plain": plain, "cached": datasets.load_from_disk(paths["cached"])}
     top_k = DistillationTrainingArguments(output_dir=work_dir).teacher_cache_top_k
