@@ -218,6 +218,67 @@ def ensemble_logits(
     return temperature * torch.logsumexp(log_probs, dim=0)
 
 
+class _ForwardKLAndCrossEntropy(torch.autograd.Function):
+    """Forward KL to a dense teacher and cross-entropy, per row, with the gradient written out: on
+    vocabulary-sized rows autograd's graph of the same expressions costs several extra passes over the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher_logits, targets, temperature, student_temperature):
+        student_log_probs = _log_softmax(logits, student_temperature)
+        teacher_log_probs = _log_softmax(teacher_logits, temperature)
+        teacher_probs = teacher_log_probs.exp()
+        # xlogy(0, 0) = 0: a masked teacher class (-inf) contributes nothing.
+        kd = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * student_log_probs).sum(-1)
+        label_log_probs = student_log_probs if student_temperature == 1.0 else _log_softmax(logits, 1.0)
+        labelled = targets >= 0
+        ce = -label_log_probs.gather(-1, targets.clamp_min(0).long()[:, None]).squeeze(-1)
+        ctx.save_for_backward(student_log_probs, teacher_probs, label_log_probs, targets)
+        ctx.temperatures = (temperature, student_temperature)
+        return kd * (temperature * student_temperature), torch.where(labelled, ce, torch.zeros_like(ce))
+
+    @staticmethod
+    def backward(ctx, kd_grad, ce_grad):
+        student_log_probs, teacher_probs, label_log_probs, targets = ctx.saved_tensors
+        temperature, student_temperature = ctx.temperatures
+        # d(T Ts KL(p || softmax(s / Ts))) / ds = T (q - p); d(CE) / ds = softmax(s) - onehot(target).
+        grad = (student_log_probs.exp() - teacher_probs) * (kd_grad * temperature)[:, None]
+        labelled = targets >= 0
+        ce_weight = torch.where(labelled, ce_grad, torch.zeros_like(ce_grad))[:, None]
+        grad = grad + label_log_probs.exp() * ce_weight
+        grad.scatter_add_(-1, targets.clamp_min(0).long()[:, None], -ce_weight)
+        return grad, None, None, None, None
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    # No division at temperature 1: on vocabulary-sized rows every elementwise pass counts.
+    return F.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
+
+
+def forward_kl_and_cross_entropy_per_row(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    student_temperature: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward KL(teacher_T || student_Ts) x T Ts and the label cross-entropy of the same rows, in one pass.
+
+    Args:
+        student_logits: `(rows, vocab)`; the only input that gets a gradient.
+        teacher_logits: `(rows, vocab)`.
+        targets: `(rows,)` gold class ids; negative (-100) for unlabelled rows, whose cross-entropy is 0.
+
+    Returns:
+        float32 `(rows,)` distillation and label losses. Equal to `divergence_per_row(..., "kl")` and
+        `label_loss_per_row`, with the same gradients.
+    """
+    if student_temperature is None:
+        student_temperature = temperature
+    return _ForwardKLAndCrossEntropy.apply(
+        student_logits, teacher_logits.detach(), targets, float(temperature), float(student_temperature)
+    )
+
+
 # Above this top-k mass, log(1 - mass) loses precision in float32: those rows sum the rest exactly.
 _EXACT_REST_ABOVE = 1.0 - 1e-3
 

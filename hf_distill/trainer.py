@@ -33,6 +33,7 @@ from .losses import (
     divergence_from_log_probs,
     divergence_per_row,
     ensemble_logits,
+    forward_kl_and_cross_entropy_per_row,
     label_loss_per_row,
     mse_per_row,
     sparse_divergence_from_log_probs,
@@ -500,6 +501,15 @@ class DistillationTrainer(Trainer):
             ce = -label_log_probs.gather(-1, targets.clamp_min(0).long()[:, None]).squeeze(-1)
             return torch.stack([kd, torch.where(labelled, ce, torch.zeros_like(ce))], dim=-1)
 
+        if not isinstance(target, TopKTarget) and self.distillation_loss == "kl":
+            def fused(logits, targets, teacher_logits):
+                kd, ce = forward_kl_and_cross_entropy_per_row(logits, teacher_logits, targets, args.temperature,
+                                                              args.student_temperature)
+                return torch.stack([kd, ce], dim=-1)
+
+            both = chunked_per_row(fused, student_logits, label_targets, target,
+                                   chunk_size=self._chunk_rows(student_logits))
+            return both[:, 0], both[:, 1], labelled_rows
         teacher = (target.ids, target.log_probs, target.rest_probs) if isinstance(target, TopKTarget) else (target,)
         both = chunked_per_row(rows, student_logits, label_targets, *teacher,
                                chunk_size=self._chunk_rows(student_logits))

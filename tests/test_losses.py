@@ -218,3 +218,23 @@ def test_chunked_rows_match_unchunked_values_and_gradients():
     (chunked_grad,) = torch.autograd.grad(chunked.sum(), student)
     torch.testing.assert_close(chunked, whole)
     torch.testing.assert_close(chunked_grad, whole_grad)
+
+
+@pytest.mark.parametrize("temperatures", [(1.0, 1.0), (2.0, 2.0), (2.0, 1.0)])
+def test_fused_forward_kl_and_cross_entropy_match_autograd(temperatures):
+    from hf_distill.losses import divergence_per_row, forward_kl_and_cross_entropy_per_row, label_loss_per_row
+
+    rng = np.random.default_rng(15)
+    logits = torch.tensor(rng.normal(0, 2, (6, 11)), requires_grad=True)
+    teacher = torch.tensor(rng.normal(0, 3, (6, 11)))
+    teacher[0, 3] = -torch.inf
+    targets = torch.tensor([1, -100, 4, 10, -100, 0])
+    weights = torch.tensor(rng.uniform(0.5, 2.0, (2, 6)))
+    kd, ce = forward_kl_and_cross_entropy_per_row(logits, teacher, targets, *temperatures)
+    (grad,) = torch.autograd.grad((weights[0] * kd).sum() + (weights[1] * ce).sum(), logits)
+    expected_kd = divergence_per_row(logits, teacher, "kl", *temperatures)
+    expected_ce = label_loss_per_row(logits, targets)
+    (expected_grad,) = torch.autograd.grad((weights[0] * expected_kd).sum() + (weights[1] * expected_ce).sum(), logits)
+    torch.testing.assert_close(kd, expected_kd.to(kd.dtype))
+    torch.testing.assert_close(ce, expected_ce.to(ce.dtype))
+    torch.testing.assert_close(grad, expected_grad)
