@@ -16,7 +16,12 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .glue import GlueTask, get_task
 
-BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill", "text-classification")
+BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill")
+# Per pipeline: the model-index task name, the Auto class of the usage example, and its input.
+_PIPELINES = {
+    "text-classification": ("Text Classification", "AutoModelForSequenceClassification"),
+    "text-generation": ("Text Generation", "AutoModelForCausalLM"),
+}
 
 # Names the Hub's model-index uses for our metric names.
 _METRIC_TYPES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
@@ -26,6 +31,8 @@ _METRIC_DISPLAY_NAMES = {
     "matthews_correlation": "Matthews correlation",
     "pearson": "Pearson correlation",
     "spearmanr": "Spearman correlation",
+    "perplexity": "Perplexity",
+    "teacher_agreement": "Top-1 next-token agreement with the teacher",
 }
 # `Trainer.evaluate()` keys that are not task metrics.
 _NON_METRIC_KEYS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time"}
@@ -49,6 +56,7 @@ def build_model_card(
     license: str | None = "apache-2.0",
     extra_tags: Iterable[str] = (),
     dataset_split: str = "validation",
+    pipeline_tag: str = "text-classification",
 ) -> ModelCard:
     """
     Build the model card of a student distilled from a teacher.
@@ -71,6 +79,7 @@ def build_model_card(
         license: licence id for the metadata.
         extra_tags: tags added to the defaults.
         dataset_split: split the results were measured on (`"validation_matched"` for mnli).
+        pipeline_tag: `"text-classification"` (GLUE) or `"text-generation"` (a causal LM student).
 
     Returns:
         `huggingface_hub.ModelCard`; `card.save(os.path.join(output_dir, "README.md"))` writes it.
@@ -84,14 +93,17 @@ def build_model_card(
     dataset_type = hub_dataset or ("glue" if task else "local")
     dataset_name = f"GLUE {task.name.upper()}" if task else dataset_id
 
-    tags = list(dict.fromkeys([*BASE_TAGS, *([task.name] if task else []), *extra_tags]))
+    if pipeline_tag not in _PIPELINES:
+        raise ValueError(f"pipeline_tag={pipeline_tag!r} is not one of {sorted(_PIPELINES)}.")
+    task_name = _PIPELINES[pipeline_tag][0]
+    tags = list(dict.fromkeys([*BASE_TAGS, pipeline_tag, *([task.name] if task else []), *extra_tags]))
     card_data = ModelCardData(
         base_model=base_model,
         datasets=[hub_dataset] if hub_dataset else None,
         eval_results=[
             EvalResult(
-                task_type="text-classification",
-                task_name="Text Classification",
+                task_type=pipeline_tag,
+                task_name=task_name,
                 dataset_type=dataset_type,
                 dataset_name=dataset_name,
                 dataset_config=dataset_config,
@@ -106,7 +118,7 @@ def build_model_card(
         library_name="transformers",
         license=license,
         model_name=model_name,
-        pipeline_tag="text-classification",
+        pipeline_tag=pipeline_tag,
         tags=tags,
         teacher_model=teacher_model_id,
         distillation=settings,
@@ -126,6 +138,7 @@ def build_model_card(
         settings=settings,
         report_markdown=report_markdown,
         chart_path=chart_path,
+        pipeline_tag=pipeline_tag,
     )
     return ModelCard(_redact(f"---\n{card_data.to_yaml()}\n---\n\n{body}"))
 
@@ -181,8 +194,11 @@ def _card_body(
     settings,
     report_markdown,
     chart_path,
+    pipeline_tag,
 ) -> str:
-    task_text = f"the GLUE **{task.name}** task" if task else "a text-classification task"
+    generation = pipeline_tag == "text-generation"
+    task_text = f"the GLUE **{task.name}** task" if task else ("causal language modelling" if generation else
+                                                                 "a text-classification task")
     student_init = settings.get("student_init")
     teacher_layers = student_init.get("from_teacher_layers") if isinstance(student_init, dict) else None
     if teacher_layers:
@@ -226,26 +242,33 @@ def _card_body(
     if chart_path:
         lines += [f"![Task metric and throughput of teacher, baseline and student]({chart_path})", ""]
 
+    auto_class = _PIPELINES[pipeline_tag][1]
+    if generation:
+        usage = ['inputs = tokenizer("The history of the city", return_tensors="pt")',
+                 "outputs = model.generate(**inputs, max_new_tokens=32)",
+                 "print(tokenizer.decode(outputs[0], skip_special_tokens=True))"]
+    elif task and len(task.text_columns) == 2:
+        usage = ['inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")',
+                 "outputs = model(**inputs)"]
+    else:
+        usage = ['inputs = tokenizer("a sentence to classify", return_tensors="pt")', "outputs = model(**inputs)"]
     lines += [
         "## How to use",
         "",
         "```python",
-        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        f"from transformers import {auto_class}, AutoTokenizer",
         "",
         'model_id = "<this repository or folder>"',
         "tokenizer = AutoTokenizer.from_pretrained(model_id)",
-        "model = AutoModelForSequenceClassification.from_pretrained(model_id)",
-        *(
-            ['inputs = tokenizer("first sentence", "second sentence", return_tensors="pt")']
-            if task and len(task.text_columns) == 2
-            else ['inputs = tokenizer("a sentence to classify", return_tensors="pt")']
-        ),
-        "outputs = model(**inputs)",
+        f"model = {auto_class}.from_pretrained(model_id)",
+        *usage,
         "```",
         "",
         "## Limitations",
         "",
-        "- The student is trained and evaluated on one task only; it is not a general-purpose encoder.",
+        "- The student is trained and evaluated on one text distribution only; it is not a general-purpose model."
+        if generation
+        else "- The student is trained and evaluated on one task only; it is not a general-purpose encoder.",
         "- It inherits the teacher's errors and biases as well as those of the training data.",
         f"- Results are for the `{dataset_split}` split and may not carry over to other domains or text styles.",
         "- Throughput figures, when given, depend on the hardware, batch size and sequence lengths of the benchmark.",
