@@ -20,6 +20,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+# `*.bin` files that `Trainer.save_model` writes beside the weights and that are not weights.
+NOT_WEIGHT_FILES = {"training_args.bin"}
 _BAR_COLORS = {"teacher": "#4c72b0", "baseline": "#8c8c8c", "student": "#dd8452"}
 
 
@@ -29,13 +31,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def size_on_disk(path: str) -> int:
-    """Bytes of the weight files (`*.safetensors`, `*.bin`) directly in the saved model folder `path`."""
+    """Bytes of the weight files (`*.safetensors`, `*.bin` other than `training_args.bin`) directly in the saved
+    model folder `path`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder. Pass the folder written by `save_pretrained`.")
     sizes = [
         os.path.getsize(os.path.join(path, name))
         for name in os.listdir(path)
-        if name.endswith(WEIGHT_FILE_SUFFIXES) and os.path.isfile(os.path.join(path, name))
+        if name.endswith(WEIGHT_FILE_SUFFIXES) and name not in NOT_WEIGHT_FILES
+        and os.path.isfile(os.path.join(path, name))
     ]
     if not sizes:
         raise FileNotFoundError(

@@ -6,11 +6,14 @@ A block is `block_size` consecutive tokens of the concatenated, tokenized text (
 `input_ids`, so the causal-LM head and the model's own loss shift them by one.
 """
 
+import hashlib
 import os
 from itertools import chain
 
 import torch
 from datasets import DatasetDict, load_dataset
+
+from ..cache import tokenizer_digest
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json"}
 
@@ -35,7 +38,7 @@ def load_text_data(
         raise ValueError("Give the training text: --dataset_name (a Hub dataset) or --train_file (a local file).")
     if train_file is not None:
         files = {"train": train_file, **({"validation": validation_file} if validation_file else {})}
-        builders = set()
+        raw = {}
         for split, path in files.items():
             suffix = os.path.splitext(path)[1].lower()
             if suffix not in TEXT_SUFFIXES:
@@ -45,12 +48,10 @@ def load_text_data(
                 )
             if not os.path.isfile(path):
                 raise ValueError(f"--{split}_file {path} does not exist.")
-            builders.add(TEXT_SUFFIXES[suffix])
-        if len(builders) > 1:
-            raise ValueError("--train_file and --validation_file must both be plain text or both JSON lines.")
-        builder = builders.pop()
-        # Plain text keeps each line's newline (run_clm.py's keep_linebreaks), so blocks read as the text does.
-        raw = load_dataset(builder, data_files=files, **({"keep_linebreaks": True} if builder == "text" else {}))
+            builder = TEXT_SUFFIXES[suffix]
+            # Plain text keeps each line's newline (run_clm.py's keep_linebreaks), so blocks read as the text does.
+            options = {"keep_linebreaks": True} if builder == "text" else {}
+            raw[split] = load_dataset(builder, data_files={split: path}, split=split, **options)
     else:
         raw = load_dataset(dataset_name, dataset_config_name)
     raw = DatasetDict(raw)
@@ -127,10 +128,17 @@ def group_texts(raw: DatasetDict, tokenizer, text_column: str, block_size: int,
 
     grouped = {}
     for split, dataset in raw.items():
+        # Fingerprints from what the blocks depend on (the text, the tokenizer's content, the block size), not
+        # from where the tokenizer was loaded: another teacher with the same tokenizer then finds, and is refused,
+        # the same teacher cache, and every run and process names the blocks alike.
+        fingerprint = hashlib.sha256(
+            f"{dataset._fingerprint}|{tokenizer_digest(tokenizer)}|{text_column}|{block_size}".encode()
+        ).hexdigest()[:16]
         tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
-                                desc=f"Tokenizing {split}")
+                                desc=f"Tokenizing {split}", new_fingerprint=f"{fingerprint}-tokens")
         # One map batch over the whole split: blocks run across line boundaries, as in the text.
-        result = tokenized.map(blocks, batched=True, batch_size=len(tokenized) or 1, desc=f"Grouping {split}")
+        result = tokenized.map(blocks, batched=True, batch_size=len(tokenized) or 1, desc=f"Grouping {split}",
+                               new_fingerprint=f"{fingerprint}-blocks")
         if len(result) == 0:
             raise ValueError(
                 f"The {split} text holds fewer than --block_size={block_size} tokens: give more text or a smaller "
