@@ -277,12 +277,40 @@ def scenario_glue_recipe(workdir) -> dict:
     return {"calls": calls, "num_processes": state.num_processes, "process_index": state.process_index}
 
 
+def scenario_causal_lm_recipe(workdir) -> dict:
+    """`recipes/causal_lm.py` with the arguments in `workdir/lm_args.txt`; counts reports, cards and cache builds."""
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import causal_lm as recipe
+
+    import hf_distill.cache
+
+    calls = {"write_report": 0, "build_model_card": 0, "_build": 0}
+
+    def counted(module, name):
+        function = getattr(module, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        setattr(module, name, call)
+
+    counted(recipe, "write_report")
+    counted(recipe, "build_model_card")
+    counted(hf_distill.cache, "_build")
+    with open(os.path.join(workdir, "lm_args.txt")) as file:
+        recipe.main(file.read().splitlines())
+    state = PartialState()
+    return {"calls": calls, "num_processes": state.num_processes, "process_index": state.process_index}
+
+
 SCENARIOS = {
     "cached": scenario_cached,
     "online": scenario_online,
     "partially_labelled": scenario_partially_labelled,
     "hidden_projection": scenario_hidden_projection,
     "glue_recipe": scenario_glue_recipe,
+    "causal_lm_recipe": scenario_causal_lm_recipe,
 }
 
 
