@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--seq_prompts", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--speed_blocks", type=int, default=32, help="Held-out blocks of each throughput pass.")
     parser.add_argument("--cache_dir", default="runs/bench_lm_cache")
     parser.add_argument("--output_dir", default="runs/bench_lm")
     parser.add_argument("--json", default=None, help="Write every figure to this file.")
@@ -158,7 +159,8 @@ def main():
                 json.dump(results, file, indent=2)
 
     if last_student is not None:
-        speed_blocks = held_out.select(range(min(32, len(held_out)))).select_columns(["input_ids", "attention_mask"])
+        speed_blocks = held_out.select(range(min(args.speed_blocks, len(held_out))))
+        speed_blocks = speed_blocks.select_columns(["input_ids", "attention_mask"])
         throughput = compare_throughput({"teacher": teacher, "student": last_student}, speed_blocks,
                                         default_data_collator, batch_size=8, rounds=args.rounds)
         results["tokens_per_second"] = {name: value * args.block_size for name, value in throughput.items()}

@@ -15,6 +15,7 @@ same text, same steps. Then teacher, baseline and student are compared on the he
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -202,8 +203,12 @@ def main(argv=None):
     trainer = None
     if recipe_args.distill:  # Stage 3.
         student_dir = os.path.join(output_dir, "student")
+        student_args = dataclasses.replace(training_args, output_dir=student_dir)
+        if data_args.teacher_generations and training_args.max_steps <= 0:
+            # The same budget as the baseline: its steps over the text alone, not epochs over text + generations.
+            student_args = dataclasses.replace(student_args, max_steps=lm_training_steps(len(lm_train), training_args))
         trainer = DistillationTrainer(
-            model=student, teacher_model=teacher, args=dataclasses.replace(training_args, output_dir=student_dir),
+            model=student, teacher_model=teacher, args=student_args,
             train_dataset=distill_train, processing_class=tokenizer, data_collator=default_data_collator,
         )
         trainer.train()
@@ -216,6 +221,12 @@ def main(argv=None):
     print(f"\nTeacher vs baseline vs distilled student, held-out text\n\n{markdown}")
     if trainer is not None:
         write_model_card(trainer, report, markdown, paths, model_args, data_args, training_args, student_dir)
+
+
+def lm_training_steps(num_blocks: int, args) -> int:
+    """Optimizer steps of `args.num_train_epochs` epochs over `num_blocks` blocks."""
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return max(1, math.ceil(math.ceil(num_blocks / per_step) * args.num_train_epochs))
 
 
 def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, recipe_args):

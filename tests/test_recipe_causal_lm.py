@@ -163,9 +163,13 @@ def test_teacher_generations_are_the_teachers_greedy_continuations_and_are_cache
                 expected = torch.cat([expected, logits.argmax().view(1, 1)], dim=1)
         assert row["input_ids"] == expected[0].tolist()
         assert row["labels"] == [-100] * 8 + expected[0, 8:].tolist()
-    # A second run with the same inputs reads the stored generations.
-    lm_recipe.main([*args, "--output_dir", str(tmp_path / "second")])
+    # A second run with the same inputs reads the stored generations; trained by epochs, the student gets the
+    # baseline's budget: the steps of one epoch over the 48 text blocks (6 of 8), not over 48 + 4 blocks (7).
+    second = str(tmp_path / "second")
+    lm_recipe.main([*args, "--output_dir", second, "--max_steps", "-1", "--num_train_epochs", "1"])
     assert calls == [1]
+    settings = ModelCard.load(os.path.join(second, "student", "README.md")).data.distillation
+    assert settings["max_steps"] == 6 and settings["train_blocks"] == 52
 
 
 # ---- bad input: a clear error before any work, no output folder left ----
