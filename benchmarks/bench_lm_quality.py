@@ -40,7 +40,7 @@ WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
 
 def parse_variant(spec: str) -> dict:
     parts = spec.split(":")
-    values = {"loss": parts[0], "seq": "seq" in parts[1:]}
+    values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:]}
     for part in parts[1:]:
         if part.startswith("T"):
             values["temperature"] = float(part[1:])
@@ -72,7 +72,12 @@ def main():
     parser.add_argument("--output_dir", default="runs/bench_lm")
     parser.add_argument("--json", default=None, help="Write every figure to this file.")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the baseline (reuse --json's).")
+    parser.add_argument("--table", action="store_true", help="Print the table of --json and stop.")
     args = parser.parse_args()
+    if args.table:
+        with open(args.json) as file:
+            print(markdown(json.load(file)))
+        return
     datasets.logging.set_verbosity_warning()
     set_seed(0)
 
@@ -118,7 +123,7 @@ def main():
     for spec in args.variants:
         variant = parse_variant(spec)
         variant_args = dataclasses.replace(
-            training, distillation_loss=variant["loss"], temperature=variant["temperature"],
+            training, distillation_loss=variant["distillation_loss"], temperature=variant["temperature"],
             student_temperature=variant["temperature"], alpha=variant["alpha"], jsd_beta=variant["jsd_beta"],
             teacher_cache_top_k=variant["top_k"],
         )
@@ -184,8 +189,8 @@ def markdown(results: dict) -> str:
         lines.append(f"| baseline (LM loss only) | | | | | {baseline['perplexity']:.2f} | 1.00 | "
                      f"{baseline['teacher_agreement']:.1%} | |")
     for spec, row in results.get("variants", {}).items():
-        loss = row["loss"] + (f" β={row['jsd_beta']}" if row["loss"] == "jsd" else "") + (" + seq-KD" if row["seq"]
-                                                                                         else "")
+        loss = row["distillation_loss"] + (f" β={row['jsd_beta']}" if row["distillation_loss"] == "jsd" else "")
+        loss += " + seq-KD" if row["seq"] else ""
         lines.append(
             f"| student `{spec}` | {loss} | {row['temperature']:g} | {row['top_k']} | {row['alpha']:g} | "
             f"{row['perplexity']:.2f} | {row.get('perplexity_vs_baseline', float('nan')):.3f} | "
