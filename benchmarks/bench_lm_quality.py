@@ -132,10 +132,12 @@ def main():
             data = with_teacher_generations(teacher, tokenizer, train, prompt_tokens=32, max_prompts=args.seq_prompts,
                                             do_sample=False, temperature=1.0, seed=0, cache_dir=args.cache_dir)
         cache_start = time.perf_counter()
-        cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=args.cache_dir, batch_size=8,
+        # One cache folder per (k, T): a cache records both, and one built at another T is refused, not reused.
+        cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}")
+        cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=cache_dir, batch_size=8,
                                       head=CausalLMHead(), top_k=variant["top_k"], temperature=variant["temperature"])
         cache_seconds = time.perf_counter() - cache_start
-        cache_file = os.path.join(default_cache_path(data, "teacher_logits", args.cache_dir), DATA_FILE)
+        cache_file = os.path.join(default_cache_path(data, "teacher_logits", cache_dir), DATA_FILE)
         tokens = len(data) * args.block_size
         trainer = DistillationTrainer(model=student(), teacher_model=teacher, args=variant_args, train_dataset=cached,
                                       processing_class=tokenizer, data_collator=default_data_collator)
