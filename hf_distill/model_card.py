@@ -267,7 +267,12 @@ def _card_body(
         f"{loader_name} = {loader}.from_pretrained(model_id)",
         f"model = {auto_class}.from_pretrained(model_id)",
         example_inputs,
-        "outputs = model(**inputs)",
+        *(
+            ["outputs = model.generate(**inputs, max_new_tokens=32)",
+             "print(tokenizer.decode(outputs[0], skip_special_tokens=True))"]
+            if pipeline_tag in ("text-generation", "text2text-generation")
+            else ["outputs = model(**inputs)"]
+        ),
         "```",
         "",
         "## Limitations",

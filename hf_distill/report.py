@@ -1,7 +1,10 @@
 """
 Teacher vs baseline vs student: size, task metric and throughput, as JSON, a Markdown table and a bar chart.
 
-`retention` is a model's task metric divided by the teacher's; `speedup` its throughput divided by the teacher's.
+`retention` is a model's task metric divided by the teacher's (the teacher's divided by the model's when lower is
+better, e.g. perplexity), so 100% means the teacher's quality; `speedup` its throughput divided by the teacher's.
+Throughput is in examples/s (classification) or tokens/s (language models); further metrics can be shown as
+columns, and a language model's greedy generations side by side.
 """
 
 import inspect
@@ -17,6 +20,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
+# `*.bin` files that `Trainer.save_model` writes beside the weights and that are not weights.
+NOT_WEIGHT_FILES = {"training_args.bin"}
 _BAR_COLORS = {"teacher": "#4c72b0", "baseline": "#8c8c8c", "student": "#dd8452"}
 
 
@@ -26,13 +31,15 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def size_on_disk(path: str) -> int:
-    """Bytes of the weight files (`*.safetensors`, `*.bin`) directly in the saved model folder `path`."""
+    """Bytes of the weight files (`*.safetensors`, `*.bin` other than `training_args.bin`) directly in the saved
+    model folder `path`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path!r} is not a folder. Pass the folder written by `save_pretrained`.")
     sizes = [
         os.path.getsize(os.path.join(path, name))
         for name in os.listdir(path)
-        if name.endswith(WEIGHT_FILE_SUFFIXES) and os.path.isfile(os.path.join(path, name))
+        if name.endswith(WEIGHT_FILE_SUFFIXES) and name not in NOT_WEIGHT_FILES
+        and os.path.isfile(os.path.join(path, name))
     ]
     if not sizes:
         raise FileNotFoundError(
@@ -171,13 +178,30 @@ def model_row(
     )
 
 
-def build_report(rows: list[ReportRow], main_metric: str) -> dict:
+def build_report(
+    rows: list[ReportRow],
+    main_metric: str,
+    *,
+    higher_is_better: bool = True,
+    throughput_unit: str = "examples/s",
+    columns: list[tuple[str, str, str]] | None = None,
+    generations: dict | None = None,
+) -> dict:
     """
     Combine the rows and add `retention` and `speedup` relative to the row named `"teacher"`.
 
+    Args:
+        rows: one per model.
+        main_metric: the metric every row reports as `metric_value`.
+        higher_is_better: False for metrics such as perplexity: retention is then teacher / model.
+        throughput_unit: what `examples_per_second` counts (`"examples/s"` or `"tokens/s"`).
+        columns: further table columns `(all_metrics key, header, format)`, e.g. `("teacher_agreement",
+            "top-1 agreement", "{:.1%}")`.
+        generations: `{"prompts": [...], <row name>: [continuations]}`, shown side by side.
+
     Returns:
-        `{"main_metric": str, "rows": [dict of each `ReportRow` field plus "retention" and "speedup"]}`; the two
-        ratios are `None` when there is no teacher row or its value is 0.
+        `{"main_metric": str, "rows": [dict of each `ReportRow` field plus "retention" and "speedup"], ...}` with the
+        options above; the two ratios are `None` when there is no teacher row or a value is 0.
     """
     teachers = [row for row in rows if row.name == "teacher"]
     if len(teachers) > 1:
@@ -193,36 +217,67 @@ def build_report(rows: list[ReportRow], main_metric: str) -> dict:
     def ratio(value, reference):
         return value / reference if reference else None
 
-    return {
+    def retention(row):
+        if teacher is None:
+            return None
+        if higher_is_better:
+            return ratio(row.metric_value, teacher.metric_value)
+        return ratio(teacher.metric_value, row.metric_value)
+
+    report = {
         "main_metric": main_metric,
+        "higher_is_better": higher_is_better,
+        "throughput_unit": throughput_unit,
         "rows": [
             {
                 **asdict(row),
-                "retention": ratio(row.metric_value, teacher.metric_value) if teacher else None,
+                "retention": retention(row),
                 "speedup": ratio(row.examples_per_second, teacher.examples_per_second) if teacher else None,
             }
             for row in rows
         ],
     }
+    if columns:
+        report["columns"] = [list(column) for column in columns]
+    if generations:
+        report["generations"] = generations
+    return report
 
 
 def report_to_markdown(report: dict) -> str:
-    """A Markdown table: model | metric | params (M) | size (MB) | examples/s | retention | speed-up."""
+    """A Markdown table: model | metric | [columns] | params (M) | size (MB) | throughput | retention | speed-up;
+    then the generations, when the report has them, one table per prompt."""
 
     def optional(value, template):
         return "–" if value is None else template.format(value)
 
+    columns = report.get("columns", [])
+    unit = report.get("throughput_unit", "examples/s")
+    extra_headers = "".join(f" {header} |" for _, header, _ in columns)
     lines = [
-        f"| model | {report['main_metric']} | params (M) | size (MB) | examples/s | retention | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| model | {report['main_metric']} |{extra_headers} params (M) | size (MB) | {unit} | retention | speed-up |",
+        "|---|---:|" + "---:|" * len(columns) + "---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
+        extra = "".join(f" {optional(row['all_metrics'].get(key), template)} |" for key, _, template in columns)
         lines.append(
-            f"| {row['name']} | {row['metric_value']:.4f} | {row['num_parameters'] / 1e6:.2f} | "
+            f"| {row['name']} | {row['metric_value']:.4f} |{extra} {row['num_parameters'] / 1e6:.2f} | "
             f"{row['size_bytes'] / 1e6:.1f} | {row['examples_per_second']:.1f} | "
             f"{optional(row['retention'], '{:.1%}')} | {optional(row['speedup'], '{:.2f}×')} |"
         )
+    generations = report.get("generations")
+    if generations:
+        names = [row["name"] for row in report["rows"] if row["name"] in generations]
+        lines += ["", "Greedy generations from the same prompts:"]
+        for index, prompt in enumerate(generations["prompts"]):
+            lines += ["", f"Prompt: `{_cell(prompt)}`", "", "| model | continuation |", "|---|---|"]
+            lines += [f"| {name} | {_cell(generations[name][index])} |" for name in names]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: one line, no pipe or backtick breaking the table."""
+    return " ".join(text.split()).replace("|", "\\|").replace("`", "'")
 
 
 def write_report(report: dict, output_dir: str) -> dict[str, str | None]:
@@ -259,7 +314,7 @@ def _write_chart(report: dict, output_dir: str) -> str | None:
     metric_axes, speed_axes = figure.subplots(1, 2)
     for axes, key, title in (
         (metric_axes, "metric_value", report["main_metric"]),
-        (speed_axes, "examples_per_second", "throughput (examples/s)"),
+        (speed_axes, "examples_per_second", f"throughput ({report.get('throughput_unit', 'examples/s')})"),
     ):
         values = [row[key] for row in report["rows"]]
         bars = axes.bar(names, values, color=colors)

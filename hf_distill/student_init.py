@@ -1,8 +1,9 @@
 """Student initialisation from a subset of the teacher's layers (DistilBERT, TinyBERT practice).
 
 The student is the teacher's architecture with fewer transformer layers: every weight outside the layer stack
-(embeddings, pooler, heads) is copied, and each student layer is a copy of one chosen teacher layer. A narrower
-student (smaller hidden size) cannot be initialised this way and is out of scope.
+(embeddings, pooler, heads, a causal LM's final norm and output embeddings) is copied, and each student layer is a
+copy of one chosen teacher layer. A narrower student (smaller hidden size) cannot be initialised this way and is out
+of scope.
 
 Layer indices here are 0-based positions in the layer stack (`model.bert.encoder.layer[i]`), unlike the 1-based
 `hidden_states` indices of `hf_distill.alignment`.
@@ -108,12 +109,14 @@ def init_student_from_teacher(
     The student has the teacher's class, config (with `num_hidden_layers` set to `num_student_layers`), dtype,
     device and train/eval mode. Everything outside the layer stack is copied by state-dict key; student layer j
     copies teacher layer `select_teacher_layers(...)[j]`. The chosen layers are recorded in the student's config
-    as `hf_distill_init_layers` (0-based), so they are saved in `config.json`.
+    as `hf_distill_init_layers` (0-based), so they are saved in `config.json`. Per-layer config lists (Qwen2's
+    `layer_types`) follow the chosen layers.
 
     Only the depth changes: a student narrower than the teacher cannot be initialised from its weights.
 
     Args:
-        teacher: a `PreTrainedModel` with a single layer stack (BERT, RoBERTa, DistilBERT, ELECTRA, ...).
+        teacher: a `PreTrainedModel` with a single layer stack: encoders (BERT, RoBERTa, DistilBERT, ELECTRA, ...)
+            and decoder-only LMs (Llama, Qwen2, GPT-2, ...). Tied input and output embeddings stay tied.
         num_student_layers: the student's depth, 1..teacher depth.
         layers: `"uniform"`, `"first"` or an explicit list; see `select_teacher_layers`.
 
@@ -125,6 +128,8 @@ def init_student_from_teacher(
 
     student_config = copy.deepcopy(teacher.config)
     student_config.num_hidden_layers = num_student_layers
+    for name, values in _per_layer_settings(teacher.config, len(teacher_stack)).items():
+        setattr(student_config, name, [values[layer] for layer in teacher_layers])
     student_config.hf_distill_init_layers = teacher_layers
     student = type(teacher)(student_config).to(device=teacher.device, dtype=teacher.dtype)
 
@@ -146,3 +151,13 @@ def init_student_from_teacher(
         student.load_state_dict(student_state, strict=True)
     student.train(teacher.training)
     return student
+
+
+def _per_layer_settings(config, num_layers: int) -> dict[str, list]:
+    """Config lists with one entry per layer (`layer_types` of Qwen2, Gemma, ...: sliding or full attention), which
+    the student takes from its chosen teacher layers rather than keeping the teacher's first entries."""
+    return {
+        name: list(value)
+        for name, value in config.to_dict().items()
+        if "layer" in name and isinstance(value, (list, tuple)) and len(value) == num_layers
+    }

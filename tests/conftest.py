@@ -448,3 +448,78 @@ def reference_ce_rows(logits, targets):
 def train_logs(trainer, keys=("loss", "grad_norm", "loss_kd", "loss_ce")):
     """`(steps, len(keys))` of the training logs of `trainer.train()`, one row per logged step."""
     return np.array([[log[key] for key in keys] for log in trainer.state.log_history if "loss" in log])
+
+
+# ---- the causal-LM recipe on the text fixtures ----
+
+LM_FIXTURES = os.path.join(REPO, "tests", "fixtures", "lm")
+"""Short sentences in the WikiText layout (`make_text.py` wrote them): train.txt, validation.txt/.jsonl."""
+import causal_lm as lm_recipe  # noqa: E402,F401 (for the recipe's tests) - recipes/causal_lm.py
+
+
+def lm_fixture_tokenizer(folder):
+    """A word-level fast tokenizer over the fixtures' words (`<pad>`, `<s>`, `</s>`, `<unk>` first), saved in
+    `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = set()
+    for name in ("train.txt", "validation.txt"):
+        with open(os.path.join(LM_FIXTURES, name), encoding="utf-8") as file:
+            words.update(file.read().split())
+    vocab = {token: index for index, token in enumerate(["<pad>", "<s>", "</s>", "<unk>", *sorted(words)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def save_lm_teacher(folder, architecture="llama", num_layers=4, vocab_padding=0, context=64, seed=3):
+    """A tiny random causal LM (Llama with tied embeddings, or GPT-2) over the fixture tokenizer, saved in
+    `folder`; `vocab_padding` adds embedding rows that no token uses."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = lm_fixture_tokenizer(folder)
+    vocab_size = len(tokenizer) + vocab_padding
+    torch.manual_seed(seed)
+    if architecture == "llama":
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context, tie_word_embeddings=True,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        ))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=4,
+                                           n_positions=context, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    model.save_pretrained(folder)
+    return folder
+
+
+def lm_recipe_args(teacher, output_dir, *extra, train_file="train.txt", validation_file="validation.txt"):
+    """Command-line arguments of a fast causal-LM recipe run on the text fixtures; `extra` are appended."""
+    return [
+        "--teacher_model_name_or_path", teacher,
+        "--train_file", os.path.join(LM_FIXTURES, train_file),
+        "--validation_file", os.path.join(LM_FIXTURES, validation_file),
+        "--student_num_layers", "2",
+        "--block_size", "32",
+        "--max_train_blocks", "48",
+        "--teacher_cache_top_k", "8",
+        "--output_dir", output_dir,
+        "--per_device_train_batch_size", "8",
+        "--max_steps", "4",
+        "--learning_rate", "1e-3",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        "--latency_batch_size", "8",
+        "--latency_rounds", "1",
+        "--latency_max_blocks", "8",
+        "--num_sample_generations", "2",
+        "--sample_max_new_tokens", "4",
+        "--teacher_cache_dir", output_dir + "_cache",
+        *extra,
+    ]

