@@ -4,7 +4,8 @@ built from 6 of its 30 layers, on WikiText-2 raw (train: the validation text, re
 One process loads the teacher and the blocks once, then runs, in order:
   - the teacher on the held-out blocks (perplexity, its top-1 next tokens);
   - the baseline: the student init trained on the LM loss alone, same blocks, same steps;
-  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq]` (e.g. `kl:T1:k64:a0.9`; `seq` adds the
+  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm]` (e.g. `kl:T1:k64:a0.9`; `renorm`
+    renormalises the top-k target instead of keeping a rest bucket; `seq` adds the
     teacher's continuations of the first --seq_prompts blocks, sequence-level KD): a top-k cache at that k and T
     (built once, then reused from --cache_dir), the same student init distilled on it for the same steps;
   - CPU tokens/s of teacher and student (interleaved passes, best of --rounds), the cache's size against dense
@@ -40,7 +41,8 @@ WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
 
 def parse_variant(spec: str) -> dict:
     parts = spec.split(":")
-    values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:]}
+    values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:],
+              "topk_tail": "renormalise" if "renorm" in parts[1:] else "rest"}
     for part in parts[1:]:
         if part.startswith("T"):
             values["temperature"] = float(part[1:])
@@ -125,7 +127,7 @@ def main():
         variant_args = dataclasses.replace(
             training, distillation_loss=variant["distillation_loss"], temperature=variant["temperature"],
             student_temperature=variant["temperature"], alpha=variant["alpha"], jsd_beta=variant["jsd_beta"],
-            teacher_cache_top_k=variant["top_k"],
+            teacher_cache_top_k=variant["top_k"], topk_tail=variant["topk_tail"],
         )
         data = train
         if variant["seq"]:
