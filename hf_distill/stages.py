@@ -90,10 +90,13 @@ def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args
 
 def predict_model(model, dataset, collator, compute_metrics, training_args, prefix: str = "eval"):
     """Task metrics (without the prefix), predictions and label ids of one model, e.g. to score an ensemble of
-    teachers from theirs. Collective like `evaluate_model`: every process gets the gathered predictions."""
+    teachers from theirs. Collective like `evaluate_model`: every process gets the gathered predictions, in the
+    dataset's order."""
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = Trainer(model=model, args=dataclasses.replace(training_args, output_dir=scratch),
-                          data_collator=collator, compute_metrics=compute_metrics)
+        # Trainer (5.24) batches evaluation by length too under group_by_length, in a seed-dependent order: the
+        # predictions of two models with different seeds would then not line up.
+        args = dataclasses.replace(training_args, output_dir=scratch, train_sampling_strategy="random")
+        trainer = Trainer(model=model, args=args, data_collator=collator, compute_metrics=compute_metrics)
         output = trainer.predict(dataset, metric_key_prefix=prefix)
     metrics = {key.removeprefix(f"{prefix}_"): value for key, value in output.metrics.items()}
     return metrics, output.predictions, output.label_ids

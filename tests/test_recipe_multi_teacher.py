@@ -100,6 +100,20 @@ def test_two_teachers_end_to_end(tmp_path, capsys):
     assert "org/teacher-a" in card.text and "org/teacher-b" in card.text
 
 
+def test_predictions_come_in_dataset_order_under_group_by_length(tmp_path):
+    from conftest import logits_of, make_args, toy_dataset
+    from transformers import DataCollatorWithPadding
+
+    from hf_distill.stages import predict_model
+
+    dataset, teacher = toy_dataset(40, num_labels=2, max_length=30), tiny_bert(num_labels=2, seed=3)
+    args = make_args(tmp_path, train_sampling_strategy="group_by_length", per_device_eval_batch_size=8, seed=5)
+    _, predictions, label_ids = predict_model(teacher, dataset, DataCollatorWithPadding(tiny_tokenizer(str(tmp_path))),
+                                              None, args)
+    np.testing.assert_allclose(predictions, logits_of(teacher, dataset), atol=1e-5)
+    assert label_ids.tolist() == dataset["label"]
+
+
 def test_a_rerun_reuses_every_teacher_cache(tmp_path, monkeypatch):
     built, build = [], hf_distill.cache._build
 
