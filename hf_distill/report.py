@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin")
 # `*.bin` files that `Trainer.save_model` writes beside the weights and that are not weights.
 NOT_WEIGHT_FILES = {"training_args.bin"}
-_BAR_COLORS = {"teacher": "#4c72b0", "baseline": "#8c8c8c", "student": "#dd8452"}
+_BAR_COLORS = {"teacher": "#4c72b0", "ensemble": "#64b5cd", "baseline": "#8c8c8c", "student": "#dd8452"}
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -178,9 +178,28 @@ def model_row(
     )
 
 
+def combined_row(name: str, members: list[ReportRow], metrics: dict[str, float], main_metric: str,
+                 metric_names=None) -> ReportRow:
+    """The report row of models run one after another on every example (an ensemble of `members`): its own
+    `metrics`, the members' parameters and sizes summed, and the throughput of running them all (their times per
+    example add up)."""
+    names = metric_names or [key for key, value in metrics.items() if isinstance(value, (int, float))]
+    return ReportRow(
+        name=name,
+        model_path=", ".join(member.model_path for member in members),
+        metric_name=main_metric,
+        metric_value=metrics[main_metric],
+        num_parameters=sum(member.num_parameters for member in members),
+        size_bytes=sum(member.size_bytes for member in members),
+        examples_per_second=1.0 / sum(1.0 / member.examples_per_second for member in members),
+        all_metrics={metric: metrics[metric] for metric in names},
+    )
+
+
 def build_report(
     rows: list[ReportRow],
     main_metric: str,
+    reference: str = "teacher",
     *,
     higher_is_better: bool = True,
     throughput_unit: str = "examples/s",
@@ -188,7 +207,8 @@ def build_report(
     generations: dict | None = None,
 ) -> dict:
     """
-    Combine the rows and add `retention` and `speedup` relative to the row named `"teacher"`.
+    Combine the rows and add `retention` and `speedup` relative to the row named `reference` (the teacher; with
+    several teachers, e.g. their `"ensemble"`).
 
     Args:
         rows: one per model.
@@ -201,11 +221,11 @@ def build_report(
 
     Returns:
         `{"main_metric": str, "rows": [dict of each `ReportRow` field plus "retention" and "speedup"], ...}` with the
-        options above; the two ratios are `None` when there is no teacher row or a value is 0.
+        options above; the two ratios are `None` when there is no reference row or a value is 0.
     """
-    teachers = [row for row in rows if row.name == "teacher"]
+    teachers = [row for row in rows if row.name == reference]
     if len(teachers) > 1:
-        raise ValueError("The report has more than one row named 'teacher'; give exactly one teacher row.")
+        raise ValueError(f"The report has more than one row named {reference!r}; give exactly one such row.")
     teacher = teachers[0] if teachers else None
     for row in rows:
         if row.metric_name != main_metric:

@@ -12,7 +12,7 @@ from transformers import HfArgumentParser, Trainer
 from transformers.utils import logging
 
 from .models import load_model
-from .report import build_report, compare_throughput, model_row, write_report
+from .report import build_report, combined_row, compare_throughput, model_row, write_report
 from .student_init import init_student_from_teacher
 
 logger = logging.get_logger(__name__)
@@ -88,6 +88,20 @@ def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args
     return {key.removeprefix(f"{prefix}_"): value for key, value in metrics.items()}
 
 
+def predict_model(model, dataset, collator, compute_metrics, training_args, prefix: str = "eval"):
+    """Task metrics (without the prefix), predictions and label ids of one model, e.g. to score an ensemble of
+    teachers from theirs. Collective like `evaluate_model`: every process gets the gathered predictions, in the
+    dataset's order."""
+    with tempfile.TemporaryDirectory() as scratch:
+        # Trainer (5.24) batches evaluation by length too under group_by_length, in a seed-dependent order: the
+        # predictions of two models with different seeds would then not line up.
+        args = dataclasses.replace(training_args, output_dir=scratch, train_sampling_strategy="random")
+        trainer = Trainer(model=model, args=args, data_collator=collator, compute_metrics=compute_metrics)
+        output = trainer.predict(dataset, metric_key_prefix=prefix)
+    metrics = {key.removeprefix(f"{prefix}_"): value for key, value in output.metrics.items()}
+    return metrics, output.predictions, output.label_ids
+
+
 def write_comparison(
     models: dict[str, tuple],
     metrics: dict[str, dict],
@@ -100,14 +114,19 @@ def write_comparison(
     rounds: int = 3,
     metric_names=None,
     extra=None,
+    combined=None,
+    reference: str = "teacher",
 ) -> tuple[dict, str]:
     """Measure CPU throughput, build the teacher / baseline / student report and write it to `output_dir` (and
     copy it into each folder of `copy_to`). Main process only.
 
     Args:
         models: `{row name: (model, saved folder)}`, the teacher first.
-        metrics: `{row name: metrics}` of the report's split.
+        metrics: `{row name: metrics}` of the report's split, including those of the `combined` rows.
         extra: further entries of `results.json` (e.g. test-split metrics).
+        combined: `{row name: [names of models]}`: rows of several models run together (an ensemble of teachers),
+            placed after their last member; see `report.combined_row`.
+        reference: the row that `retention` and `speedup` compare with.
 
     Returns:
         `(report, markdown table)`; `report["chart"]` is the PNG's file name or None.
@@ -116,11 +135,15 @@ def write_comparison(
         {name: model.to("cpu") for name, (model, _) in models.items()}, throughput_dataset, collator,
         batch_size=batch_size, rounds=rounds,
     )
-    rows = [
-        model_row(name, model, path, metrics[name], main_metric, throughput[name], metric_names)
+    rows = {
+        name: model_row(name, model, path, metrics[name], main_metric, throughput[name], metric_names)
         for name, (model, path) in models.items()
-    ]
-    report = {**build_report(rows, main_metric), **(extra or {})}
+    }
+    ordered = list(rows.values())
+    for name, members in (combined or {}).items():
+        row = combined_row(name, [rows[member] for member in members], metrics[name], main_metric, metric_names)
+        ordered.insert(ordered.index(rows[members[-1]]) + 1, row)
+    report = {**build_report(ordered, main_metric, reference), **(extra or {})}
     paths = write_report(report, output_dir)
     for folder in copy_to:
         for path in filter(None, paths.values()):

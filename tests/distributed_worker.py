@@ -300,7 +300,7 @@ def scenario_glue_recipe(workdir) -> dict:
     sys.path.insert(0, os.path.join(REPO, "recipes"))
     import glue as recipe
 
-    return run_recipe_counting(recipe, "glue_args.txt", workdir, {"write_report": 0})
+    return run_recipe_counting(recipe, "glue_args.txt", workdir, {"write_comparison": 0})
 
 
 def scenario_ner_recipe(workdir) -> dict:

@@ -312,8 +312,8 @@ def prepare_glue_recipe(workdir):
 def test_glue_recipe_under_two_processes(ddp):
     main, other = ddp.results("glue_recipe")
     assert main["num_processes"] == other["num_processes"] == NUM_PROCESSES
-    assert main["calls"] == {"write_report": 1}, "the main process did not report exactly once"
-    assert other["calls"] == {"write_report": 0}, "the other process wrote a report"
+    assert main["calls"] == {"write_comparison": 1}, "the main process did not report exactly once"
+    assert other["calls"] == {"write_comparison": 0}, "the other process wrote a report"
 
     workdir = os.path.join(ddp.out_dir, "glue_recipe")
     student_dir = os.path.join(workdir, "run", "student")
