@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 
+from accelerate import PartialState
 from huggingface_hub import HfApi
 from transformers import HfArgumentParser, Trainer
 from transformers.utils import logging
@@ -37,8 +38,8 @@ def run_record(*arguments, exclude=("overwrite_output_dir",)) -> dict:
     }
 
 
-def claim_output_dir(output_dir: str, record: dict, overwrite: bool, is_main: bool) -> None:
-    """Refuse an output_dir that holds another run; record this run's settings in it."""
+def check_output_dir(output_dir: str, record: dict, overwrite: bool) -> None:
+    """Refuse an output_dir that holds another run or other files, unless `overwrite` (writes nothing)."""
     record_path = os.path.join(output_dir, RUN_RECORD)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         previous = None
@@ -51,12 +52,23 @@ def claim_output_dir(output_dir: str, record: dict, overwrite: bool, is_main: bo
                 f"--output_dir {output_dir} already holds {what}. Choose a new --output_dir, or pass "
                 "--overwrite_output_dir to replace it."
             )
-    if is_main:
-        if overwrite and os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        with open(record_path, "w") as file:
-            json.dump(record, file, indent=2)
+
+
+def claim_output_dir(output_dir: str, record: dict, overwrite: bool, is_main: bool) -> None:
+    """Refuse an output_dir that holds another run; record this run's settings in it. Call it after every input
+    check.
+
+    The main process claims first; the others check once its record is complete (they would otherwise read it
+    half-written).
+    """
+    with PartialState().main_process_first():
+        check_output_dir(output_dir, record, overwrite)
+        if is_main:
+            if overwrite and os.path.isdir(output_dir):
+                shutil.rmtree(output_dir)
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, RUN_RECORD), "w") as file:
+                json.dump(record, file, indent=2)
 
 
 def new_student(teacher, auto_class, model_args, num_labels: int, id2label: dict[int, str] | None):
@@ -154,11 +166,14 @@ def write_comparison(
     return report, markdown
 
 
-def push_student(student_dir: str, training_args) -> None:
-    """Upload the student folder (no teacher, no projections, no cache); a failure leaves the local output intact."""
+def push_student(student_dir: str, training_args, hub_token: str | None = None) -> None:
+    """Upload the student folder (no teacher, no projections, no cache); a failure leaves the local output intact.
+
+    `hub_token` defaults to `training_args.hub_token` (a recipe that keeps the token out of its Trainers passes it).
+    """
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
     try:
-        api = HfApi(token=training_args.hub_token)
+        api = HfApi(token=hub_token or training_args.hub_token)
         repo_id = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
         api.upload_folder(
             repo_id=repo_id, folder_path=student_dir, ignore_patterns=["_*", "checkpoint-*", "*.bin.tmp"]

@@ -28,8 +28,8 @@ from transformers.utils import logging
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
 from hf_distill.heads import CausalLMHead
 from hf_distill.models import check_same_tokenizer, load_causal_lm, load_lm_tokenizer
-from hf_distill.outputs import claim_output_dir
 from hf_distill.report import ReportRow, build_report, compare_throughput, count_parameters, size_on_disk, write_report
+from hf_distill.stages import claim_output_dir
 from hf_distill.student_init import init_student_from_teacher
 from hf_distill.tasks.causal_lm import (
     check_block_size,

@@ -17,15 +17,12 @@ and an `ensemble` row (the teachers' mixed probabilities, scored as one model) t
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-from accelerate import PartialState
 from datasets import concatenate_datasets
-from huggingface_hub import HfApi
 from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
 from transformers.utils import logging
 
@@ -36,12 +33,19 @@ from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
 from hf_distill.losses import ensemble_logits
 from hf_distill.metrics import make_compute_metrics
 from hf_distill.models import check_same_tokenizer, load_classifier, load_tokenizer
-from hf_distill.stages import evaluate_model, parse_args, predict_model, write_comparison
+from hf_distill.stages import (
+    check_output_dir,
+    claim_output_dir,
+    evaluate_model,
+    parse_args,
+    predict_model,
+    push_student,
+    write_comparison,
+)
 from hf_distill.student_init import init_student_from_teacher
 from hf_distill.validation import check_tokenizer_vocabulary
 
 logger = logging.get_logger("hf_distill.recipes.glue")
-RUN_RECORD = "hf_distill_run.json"
 
 
 @dataclass
@@ -224,38 +228,6 @@ def run_record(model_args, data_args, recipe_args) -> dict:
         "data": dataclasses.asdict(data_args),
         "recipe": {k: v for k, v in dataclasses.asdict(recipe_args).items() if k != "overwrite_output_dir"},
     }
-
-
-def check_output_dir(output_dir: str, run_record: dict, overwrite: bool) -> None:
-    """Refuse an output_dir that holds another run (writes nothing)."""
-    record_path = os.path.join(output_dir, RUN_RECORD)
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        previous = None
-        if os.path.exists(record_path):
-            with open(record_path) as file:
-                previous = json.load(file)
-        if previous != run_record:
-            what = "another hf_distill run" if previous else "files of something else"
-            raise ValueError(
-                f"--output_dir {output_dir} already holds {what}. Choose a new --output_dir, or pass "
-                "--overwrite_output_dir to replace it."
-            )
-
-
-def claim_output_dir(output_dir: str, run_record: dict, overwrite: bool, is_main: bool) -> None:
-    """Refuse an output_dir that holds another run; record this run's settings in it.
-
-    The main process claims first; the others check once its record is complete (they would otherwise read it
-    half-written).
-    """
-    with PartialState().main_process_first():
-        check_output_dir(output_dir, run_record, overwrite)
-        if is_main:
-            if overwrite and os.path.isdir(output_dir):
-                shutil.rmtree(output_dir)
-            os.makedirs(output_dir, exist_ok=True)
-            with open(os.path.join(output_dir, RUN_RECORD), "w") as file:
-                json.dump(run_record, file, indent=2)
 
 
 def with_transfer_data(raw, data_args, task, seed=0):
@@ -551,24 +523,6 @@ def check_max_seq_length(max_seq_length: int, config) -> None:
             f"--max_seq_length {max_seq_length} exceeds the teacher's {positions} position embeddings: longer "
             f"examples would index past them. Use --max_seq_length {positions} or less."
         )
-
-
-def push_student(student_dir: str, training_args, hub_token: str | None) -> None:
-    """Upload the student folder (no teacher, no projections, no cache); a failure leaves the local output intact."""
-    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
-    try:
-        api = HfApi(token=hub_token)
-        repo_id = api.create_repo(repo_id, private=training_args.hub_private_repo, exist_ok=True).repo_id
-        api.upload_folder(
-            repo_id=repo_id, folder_path=student_dir, ignore_patterns=["_*", "checkpoint-*", "*.bin.tmp"]
-        )
-    except Exception as error:  # noqa: BLE001 - any Hub failure gets the same advice
-        raise SystemExit(
-            f"Pushing the student to the Hub as {repo_id!r} failed ({type(error).__name__}). The student, its card "
-            f"and the report are complete in {student_dir}: push that folder later with "
-            f"`hf upload {repo_id} {student_dir}` once the Hub is reachable and you are logged in."
-        ) from None
-    logger.warning(f"Pushed the student to https://huggingface.co/{repo_id}")
 
 
 if __name__ == "__main__":
