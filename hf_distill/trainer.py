@@ -444,9 +444,7 @@ class DistillationTrainer(Trainer):
                     check_teacher_logits_finite(view, self.teacher_models[name])
         teacher_views = self._combined_views(views_by_teacher)
 
-        row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
-        if sample_weight is not None:
-            row_weight = sample_weight.float()[units.example_index]
+        row_weight = units.row_weights(sample_weight)
         if head.cache_layout == TOPK:  # one view of vocabulary-sized logits: one student log-softmax for both terms
             loss_kd_rows, loss_ce_rows, labelled_rows = self._vocabulary_rows(student_views[0], teacher_views[0], units)
         else:
@@ -594,10 +592,7 @@ class DistillationTrainer(Trainer):
         labels = {name: batch[name] for name in self.label_names if name in batch}
         inputs = {name: value for name, value in batch.items() if name not in labels}
         units = self.head.units(inputs, labels)
-        row_weight = torch.ones(units.example_index.shape, device=units.kd.device)
-        sample_weight = batch.get(self.args.sample_weight_column)
-        if sample_weight is not None:
-            row_weight = sample_weight.float().to(units.kd.device)[units.example_index]
+        row_weight = units.row_weights(batch.get(self.args.sample_weight_column))
         labelled = units.labelled[units.kd].float()
         return torch.stack([row_weight.sum(), (row_weight * labelled).sum(),
                             torch.tensor(float(units.kd.shape[0]), device=row_weight.device)])

@@ -21,6 +21,12 @@ class Units:
     labelled: torch.Tensor
     label_targets: torch.Tensor | None = None
 
+    def row_weights(self, sample_weight: torch.Tensor | None) -> torch.Tensor:
+        """The weight of every `kd` row, `(rows,)`: its example's sample weight, or 1."""
+        if sample_weight is None:
+            return torch.ones(int(self.kd.sum()), device=self.kd.device)
+        return sample_weight.float().to(self.kd.device)[self.example_index]
+
     @property
     def example_index(self) -> torch.Tensor:
         """The example of every `kd` row, `(rows,)`: sample weights are per example."""
