@@ -78,6 +78,14 @@ def kl_divergence_loss(
     return _weighted_mean(per_example, sample_weight, mask)
 
 
+def _check_same_shape(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
+            "shape: teacher and student must share the label space."
+        )
+
+
 def _kl_from_log_probs(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     """KL(p || q) over the last dimension from log-probabilities; classes with p = 0 contribute 0."""
     # Masking the operands, not the product, keeps the gradient of the p = 0 classes at 0 instead of NaN.
@@ -122,15 +130,11 @@ def divergence_per_row(
     Returns:
         float32 `(*rows)`.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
-            "shape: teacher and student must share the label space."
-        )
+    _check_same_shape(student_logits, teacher_logits)
     if student_temperature is None:
         student_temperature = temperature
-    student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student_log_probs = tempered_log_softmax(student_logits, student_temperature)
+    teacher_log_probs = tempered_log_softmax(teacher_logits, temperature)
     divergence = divergence_from_log_probs(student_log_probs, teacher_log_probs, kind, beta)
     return divergence * (temperature * student_temperature)
 
@@ -160,7 +164,7 @@ def sparse_divergence_per_row(
     """
     if student_temperature is None:
         student_temperature = temperature
-    student_log_probs = F.log_softmax(student_logits.float() / student_temperature, dim=-1)
+    student_log_probs = tempered_log_softmax(student_logits, student_temperature)
     divergence = sparse_divergence_from_log_probs(
         student_log_probs, teacher_topk_ids, teacher_topk_log_probs, teacher_rest_probs, kind, tail, beta
     )
@@ -212,7 +216,7 @@ def ensemble_logits(
     if mode == "mean_logits":
         return sum(weight / total * logits.float() for weight, logits in zip(weights, teacher_logits))
     log_probs = torch.stack([
-        F.log_softmax(logits.float() / temperature, dim=-1) + math.log(weight / total)
+        tempered_log_softmax(logits, temperature) + math.log(weight / total)
         for weight, logits in zip(weights, teacher_logits)
     ])
     return temperature * torch.logsumexp(log_probs, dim=0)
@@ -224,12 +228,12 @@ class _ForwardKLAndCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, teacher_logits, targets, temperature, student_temperature):
-        student_log_probs = _log_softmax(logits, student_temperature)
-        teacher_log_probs = _log_softmax(teacher_logits, temperature)
+        student_log_probs = tempered_log_softmax(logits, student_temperature)
+        teacher_log_probs = tempered_log_softmax(teacher_logits, temperature)
         teacher_probs = teacher_log_probs.exp()
         # xlogy(0, 0) = 0: a masked teacher class (-inf) contributes nothing.
         kd = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * student_log_probs).sum(-1)
-        label_log_probs = student_log_probs if student_temperature == 1.0 else _log_softmax(logits, 1.0)
+        label_log_probs = student_log_probs if student_temperature == 1.0 else tempered_log_softmax(logits, 1.0)
         labelled = targets >= 0
         ce = -label_log_probs.gather(-1, targets.clamp_min(0).long()[:, None]).squeeze(-1)
         ctx.save_for_backward(student_log_probs, teacher_probs, label_log_probs, targets)
@@ -249,7 +253,8 @@ class _ForwardKLAndCrossEntropy(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def tempered_log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`log_softmax(logits / temperature)` over the last dimension, in float32."""
     # No division at temperature 1: on vocabulary-sized rows every elementwise pass counts.
     return F.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
 
@@ -334,11 +339,7 @@ def logit_mse_loss(
 
 def mse_per_row(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean squared error between raw logits `(*rows, num_labels)` over the labels; float32 `(*rows)`."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"Student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ in "
-            "shape: teacher and student must share the label space."
-        )
+    _check_same_shape(student_logits, teacher_logits)
     return (student_logits.float() - teacher_logits.float()).pow(2).mean(dim=-1)
 
 

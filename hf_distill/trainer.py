@@ -37,6 +37,7 @@ from .losses import (
     label_loss_per_row,
     mse_per_row,
     sparse_divergence_from_log_probs,
+    tempered_log_softmax,
 )
 from .model_card import build_model_card
 from .teacher import (
@@ -476,25 +477,23 @@ class DistillationTrainer(Trainer):
         1; and which rows are labelled."""
         args = self.args
         labelled_rows = units.labelled[units.kd].float()
-        label_targets = units.label_targets[units.kd] if units.label_targets is not None else None
-        if label_targets is None:
+        if units.label_targets is None:
             label_targets = torch.full(labelled_rows.shape, -100, dtype=torch.long, device=labelled_rows.device)
-
-        def log_softmax(logits, temperature):
-            # No division at temperature 1: on vocabulary-sized rows every elementwise pass counts.
-            return torch.log_softmax(logits.float() if temperature == 1.0 else logits.float() / temperature, dim=-1)
+        else:
+            label_targets = units.label_targets[units.kd]
 
         def rows(logits, targets, *teacher):
-            student_log_probs = log_softmax(logits, args.student_temperature)
+            student_log_probs = tempered_log_softmax(logits, args.student_temperature)
             if len(teacher) == 3:
                 kd = sparse_divergence_from_log_probs(student_log_probs, *teacher, self.distillation_loss,
                                                       args.topk_tail, args.jsd_beta)
             else:
-                kd = divergence_from_log_probs(student_log_probs, log_softmax(teacher[0], args.temperature),
+                kd = divergence_from_log_probs(student_log_probs, tempered_log_softmax(teacher[0], args.temperature),
                                                self.distillation_loss, args.jsd_beta)
             kd = kd * (args.temperature * args.student_temperature)
-            label_log_probs = student_log_probs if args.student_temperature == 1.0 else torch.log_softmax(
-                logits.float(), dim=-1)
+            label_log_probs = (
+                student_log_probs if args.student_temperature == 1.0 else tempered_log_softmax(logits, 1.0)
+            )
             labelled = targets >= 0
             ce = -label_log_probs.gather(-1, targets.clamp_min(0).long()[:, None]).squeeze(-1)
             return torch.stack([kd, torch.where(labelled, ce, torch.zeros_like(ce))], dim=-1)
