@@ -104,6 +104,10 @@ class DistillationTrainingArguments(TrainingArguments):
         teacher_cache_max_tokens (`int` or `None`, defaults to `None`):
             Optional budget of padded tokens per forward of that pass (examples of similar length are batched
             up to it).
+        teacher_cache_bf16 (`bool`, defaults to `False`):
+            Run the teacher's cache pass under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX
+            (and on GPUs), at logits further from float32 than float16 storage (on the SST-2 teacher: 0.018 at
+            most, probabilities at T = 2 within 0.004).
         teacher_cache_top_k (`int`, defaults to `64`):
             Vocabulary-sized outputs (causal and seq2seq LMs) cache the teacher's top-k log-probabilities per token.
         topk_tail (`str`, defaults to `"rest"`):
@@ -204,6 +208,9 @@ class DistillationTrainingArguments(TrainingArguments):
     teacher_cache_max_tokens: int | None = field(
         default=None, metadata={"help": "Optional budget of padded tokens per forward of the cache-building pass."}
     )
+    teacher_cache_bf16: bool = field(
+        default=False, metadata={"help": "Run the cache-building teacher pass under bfloat16 autocast."}
+    )
     teacher_cache_top_k: int = field(
         default=64, metadata={"help": "Top-k log-probabilities cached per token for vocabulary-sized outputs."}
     )
@@ -285,6 +292,15 @@ class DistillationTrainingArguments(TrainingArguments):
         """TinyBERT's second stage: these arguments on the logit losses only (the teacher's cache can serve)."""
         return dataclasses.replace(
             self, logits_loss_weight=1.0, **{name: 0.0 for name in ALIGNMENT_WEIGHTS}
+        )
+
+    def teacher_cache_kwargs(self) -> dict:
+        """The keyword arguments of [`~hf_distill.cache_teacher_logits`] these arguments set."""
+        return dict(
+            cache_dir=self.teacher_cache_dir, dtype=self.teacher_cache_dtype, batch_size=self.teacher_cache_batch_size,
+            max_batch_tokens=self.teacher_cache_max_tokens, overwrite=self.overwrite_teacher_cache,
+            show_progress=not self.disable_tqdm, top_k=self.teacher_cache_top_k, temperature=self.temperature,
+            bf16=self.teacher_cache_bf16,
         )
 
     @property

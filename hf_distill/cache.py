@@ -53,6 +53,9 @@ SHARD_EXAMPLES = 2048
 # tokens over a 49,152 vocabulary is 12.9 GB), and _encode adds copies of that size. Without a token budget from the
 # caller, one forward holds at most this many bytes of logits.
 TOPK_LOGITS_BYTES_PER_FORWARD = 256 * 2**20
+# A teacher batch closes before its padding exceeds this fraction of its real tokens: the teacher's cost grows with
+# padded tokens, and CPU throughput per token is flat from ~128 tokens a forward (benchmarks/README.md).
+MAX_PADDING_FRACTION = 0.05
 _NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 # Padding of model inputs in a teacher batch; other columns pad with 0.
 _PAD_VALUES = {"labels": -100}
@@ -233,15 +236,24 @@ def _collate(values: list, pad_value: int) -> torch.Tensor:
     return torch.as_tensor(padded)
 
 
-def _batches(order: np.ndarray, lengths: np.ndarray | None, batch_size: int, max_batch_tokens: int | None):
-    """Consecutive slices of `order` (sorted by decreasing length) of at most `batch_size` examples and, with a
-    token budget, at most `max_batch_tokens` padded tokens."""
+def length_grouped_batches(
+    order: np.ndarray, lengths: np.ndarray | None, batch_size: int, max_batch_tokens: int | None
+):
+    """Consecutive slices of `order` (sorted by decreasing length): at most `batch_size` examples, at most
+    `max_batch_tokens` padded tokens (examples x longest length), and padding at most `MAX_PADDING_FRACTION` of the
+    real tokens. Without lengths (fixed-size inputs), slices of `batch_size`."""
     start = 0
     while start < len(order):
         stop = min(start + batch_size, len(order))
-        if max_batch_tokens is not None and lengths is not None:
-            longest = max(int(lengths[order[start]]), 1)
-            stop = min(stop, start + max(1, max_batch_tokens // longest))
+        if lengths is not None:
+            width = max(int(lengths[order[start]]), 1)
+            budget = stop if max_batch_tokens is None else min(stop, start + max(1, max_batch_tokens // width))
+            real_tokens, stop = width, start + 1
+            while stop < budget and (stop + 1 - start) * width <= (1 + MAX_PADDING_FRACTION) * (
+                real_tokens + int(lengths[order[stop]])
+            ):
+                real_tokens += int(lengths[order[stop]])
+                stop += 1
         yield order[start:stop]
         start = stop
 
@@ -259,8 +271,9 @@ def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: floa
 
 @torch.inference_mode()
 def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress, top_k, temperature,
-                 pad_token_id):
-    """Yield `(first_index, {field: [per-example arrays]})` shard by shard, in dataset order."""
+                 pad_token_id, bf16=False):
+    """Yield `(first_index, {field: [per-example arrays]})` shard by shard, in dataset order; with `bf16`, the
+    teacher runs under bfloat16 autocast."""
     lengths = _lengths(dataset, head.length_column)
     input_columns = [name for name in (*head.input_names, head.length_column) if name in dataset.column_names]
     rows = dataset.select_columns(list(dict.fromkeys(input_columns))).with_format(None)
@@ -273,7 +286,7 @@ def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, s
             if lengths is not None:
                 shard = shard[np.argsort(-lengths[shard], kind="stable")]
             outputs = {}
-            for indices in _batches(shard, lengths, batch_size, max_batch_tokens):
+            for indices in length_grouped_batches(shard, lengths, batch_size, max_batch_tokens):
                 batch = rows[indices.tolist()]
                 tensors = {
                     name: _collate(batch[name], pad_token_id if "input_ids" in name else _PAD_VALUES.get(name, 0))
@@ -288,7 +301,8 @@ def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, s
                 tensors = {name: value.to(device) for name, value in tensors.items()}
                 labels = {name: value.to(device) for name, value in labels.items()}
                 inputs = head.teacher_inputs(head.prepare_inputs(tensors, labels, teacher))
-                values = head.cache_values(teacher(**inputs), inputs)
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    values = head.cache_values(teacher(**inputs), inputs)
                 # An overflow in the teacher itself, before any storage cast.
                 check_teacher_logits_finite(values["logits"], teacher)
                 values = _encode(head, values, top_k, temperature)
@@ -339,8 +353,8 @@ def _check_storage_range(examples: list[np.ndarray], column: str, stored_dtype: 
 def _describe_differences(cached: dict, current: dict) -> str:
     lines = [
         f"  - {key}: cached {cached.get(key)!r}, now {current.get(key)!r}"
-        for key in current
-        if cached.get(key) != current[key]
+        for key in dict.fromkeys([*current, *cached])
+        if cached.get(key) != current.get(key)
     ]
     return "\n".join(lines)
 
@@ -361,6 +375,7 @@ def cache_teacher_logits(
     head: DistillationHead | None = None,
     top_k: int = 64,
     temperature: float = 1.0,
+    bf16: bool = False,
 ) -> Dataset:
     """Return `dataset` with the teacher's outputs as columns, computed once and reused on later calls.
 
@@ -372,7 +387,8 @@ def cache_teacher_logits(
             caches name theirs `<prefix>_topk_ids/_log_probs/_rest` from it (`teacher_columns`).
         cache_dir: folder holding the caches; default beside the dataset's Arrow files or in the datasets cache.
         dtype: storage dtype of logits and log-probabilities, `"float16"` or `"float32"`.
-        batch_size: most examples per teacher forward; batches are formed from length-sorted examples.
+        batch_size: most examples per teacher forward; batches are formed from length-sorted examples, each
+            padded by at most `MAX_PADDING_FRACTION` of its real tokens.
         max_batch_tokens: optional budget of padded tokens per forward (examples x longest length); top-k
             layouts default to the tokens whose float32 logits fit `TOPK_LOGITS_BYTES_PER_FORWARD`.
         overwrite: rebuild a cache that other inputs produced instead of refusing it.
@@ -381,6 +397,8 @@ def cache_teacher_logits(
         head: the [`~hf_distill.heads.DistillationHead`]; its `num_classes` limits vocabulary-sized outputs.
         top_k: classes kept per token by top-k layouts.
         temperature: temperature of the stored top-k log-probabilities (the distillation temperature).
+        bf16: run the teacher under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX, at logits
+            further from float32 than float16 storage (benchmarks/README.md); part of the fingerprint.
 
     Under several processes the main process builds the cache and the others wait and load it.
     """
@@ -427,9 +445,12 @@ def cache_teacher_logits(
         max_batch_tokens = max(1, TOPK_LOGITS_BYTES_PER_FORWARD // (4 * num_classes))
     path = default_cache_path(dataset, column, cache_dir)
     record = _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
+    if bf16:  # absent otherwise: caches built before the option keep their fingerprint
+        record["teacher_autocast"] = "bfloat16"
     build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
                  batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
-                 show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes)
+                 show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes,
+                 bf16=bf16)
     with state.main_process_first(), _exclusive_build(path):
         if os.path.exists(os.path.join(path, METADATA_FILE)):
             with open(os.path.join(path, METADATA_FILE)) as file:
@@ -474,7 +495,7 @@ def distribution_width(config, head: DistillationHead) -> int:
 
 
 def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_batch_tokens, device,
-           show_progress, top_k, temperature, num_classes) -> None:
+           show_progress, top_k, temperature, num_classes, bf16) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp_path = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -483,7 +504,7 @@ def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_b
         features = _features(head.cache_layout, names, dtype, num_classes)
         with ArrowWriter(features=features, path=os.path.join(tmp_path, DATA_FILE)) as writer:
             for _, shard in _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress,
-                                         top_k, temperature, pad_token_id):
+                                         top_k, temperature, pad_token_id, bf16):
                 columns = {}
                 for key, examples in shard.items():
                     _check_storage_range(examples, names[key], dtype)

@@ -342,20 +342,8 @@ class DistillationTrainer(Trainer):
     def _cache_teacher(self, teacher, dataset, teacher_name: str, args, tokenizer):
         teacher.to(args.device)
         return cache_teacher_logits(
-            teacher,
-            dataset,
-            tokenizer=tokenizer,
-            column=_teacher_column(args.teacher_logits_column, teacher_name),
-            cache_dir=args.teacher_cache_dir,
-            dtype=args.teacher_cache_dtype,
-            batch_size=args.teacher_cache_batch_size,
-            max_batch_tokens=args.teacher_cache_max_tokens,
-            overwrite=args.overwrite_teacher_cache,
-            device=args.device,
-            show_progress=not args.disable_tqdm,
-            head=self.head,
-            top_k=args.teacher_cache_top_k,
-            temperature=args.temperature,
+            teacher, dataset, tokenizer=tokenizer, column=_teacher_column(args.teacher_logits_column, teacher_name),
+            device=args.device, head=self.head, **args.teacher_cache_kwargs(),
         )
 
     def _check_teacher_columns(self, dataset, args: DistillationTrainingArguments) -> None:
@@ -753,6 +741,8 @@ class DistillationTrainer(Trainer):
         settings["teacher_outputs"] = {"cached": cached, "layout": self.head.cache_layout}
         if cached:
             settings["teacher_outputs"]["dtype"] = args.teacher_cache_dtype
+            if args.teacher_cache_bf16:
+                settings["teacher_outputs"]["teacher_autocast"] = "bfloat16"
             if self.head.cache_layout == TOPK:
                 settings["teacher_outputs"].update(top_k=self._top_k, topk_tail=args.topk_tail)
         return settings

@@ -173,11 +173,8 @@ def main(argv=None):
     # Stage 2: the teacher's top-k cache; a cache from another teacher is refused here, before output_dir exists.
     if recipe_args.distill and training_args.use_teacher_cache:
         distill_train = cache_teacher_logits(
-            teacher, distill_train, tokenizer=tokenizer, column=training_args.teacher_logits_column,
-            cache_dir=training_args.teacher_cache_dir, dtype=training_args.teacher_cache_dtype,
-            batch_size=training_args.teacher_cache_batch_size, max_batch_tokens=training_args.teacher_cache_max_tokens,
-            overwrite=training_args.overwrite_teacher_cache, show_progress=not training_args.disable_tqdm,
-            head=head, top_k=training_args.teacher_cache_top_k, temperature=training_args.temperature,
+            teacher, distill_train, tokenizer=tokenizer, column=training_args.teacher_logits_column, head=head,
+            **training_args.teacher_cache_kwargs(),
         )
 
     run_record = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_bert, toy_dataset
 
 from hf_distill import cache_teacher_logits
-from hf_distill.cache import METADATA_FILE, default_cache_path
+from hf_distill.cache import MAX_PADDING_FRACTION, METADATA_FILE, default_cache_path
 
 
 def reference_logits(teacher, dataset):
@@ -42,12 +42,42 @@ def test_logits_match_unbatched_forward_in_original_order(teacher, cache_dir):
     np.testing.assert_allclose(np.array(cached["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
 
 
+def test_teacher_batches_are_length_grouped_within_the_padding_and_token_budgets(teacher, cache_dir):
+    dataset = toy_dataset(300, min_length=3, max_length=40, seed=3)
+    shapes = []
+    hook = teacher.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(kwargs["attention_mask"].sum(1).tolist()), with_kwargs=True
+    )
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32", batch_size=64,
+                                  max_batch_tokens=400)
+    hook.remove()
+    assert sorted(length for batch in shapes for length in batch) == sorted(map(len, dataset["input_ids"]))
+    for lengths in shapes:
+        padded = len(lengths) * max(lengths)
+        assert len(lengths) <= 64 and (padded <= 400 or len(lengths) == 1)
+        assert padded <= (1 + MAX_PADDING_FRACTION) * sum(lengths) or len(lengths) == 1
+    # Batches stay large where lengths allow it (a length holds ~8 of the 300 examples), not one length each.
+    assert len(shapes) < len(set(map(len, dataset["input_ids"])))
+    np.testing.assert_allclose(np.array(cached["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
+
+
 def test_float16_storage(teacher, cache_dir):
     dataset = toy_dataset(12)
     cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
     assert cached.features["teacher_logits"].feature.dtype == "float16"
     expected = reference_logits(teacher, dataset)
     np.testing.assert_allclose(np.array(cached["teacher_logits"]), expected, atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_teacher_pass_is_close_to_float32_and_part_of_the_fingerprint(teacher, cache_dir):
+    dataset = toy_dataset(24)
+    expected = reference_logits(teacher, dataset)
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32", bf16=True)
+    values = np.array(cached["teacher_logits"])
+    assert not np.array_equal(values, expected)  # the pass did run in bfloat16 (8-bit mantissa)
+    np.testing.assert_allclose(values, expected, atol=0.05 * np.abs(expected).max())
+    with pytest.raises(ValueError, match=r"teacher_autocast: cached 'bfloat16', now None"):
+        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
 
 
 def test_matching_cache_is_reused_without_running_the_teacher(teacher, cache_dir):
