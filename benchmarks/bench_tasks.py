@@ -3,6 +3,7 @@ figures from each run's results.json (validation and test metric, retention, CPU
 
     nice python benchmarks/bench_tasks.py recipes/configs/conll2003_minilm.yaml --seeds 42
     nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44
+    nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44 --set augment=true
 
 Each seed runs the recipe in a subprocess (`--seed`, `--output_dir <config's>_seed<seed>`); `--summarise` only
 reads finished runs.
@@ -26,10 +27,13 @@ def recipe_for(config_path: str) -> str:
     return os.path.join(REPO, "recipes", name)
 
 
-def run(config_path: str, seed: int, output_dir: str) -> None:
+def run(config_path: str, seed: int, output_dir: str, overrides: dict) -> None:
     with open(config_path) as file:
         config = yaml.safe_load(file)
-    config.update(seed=seed, output_dir=output_dir, overwrite_output_dir=True)
+    # Each seed trains its own teacher: its cache lives with the run (a shared default folder would hold another
+    # seed's teacher outputs for the same data, which the cache refuses).
+    config.update(overrides, seed=seed, output_dir=output_dir, overwrite_output_dir=True,
+                  teacher_cache_dir=os.path.join(output_dir, "teacher_cache"))
     seeded = f"{output_dir}.yaml"
     os.makedirs(os.path.dirname(os.path.abspath(seeded)), exist_ok=True)
     with open(seeded, "w") as file:
@@ -60,18 +64,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="Override config entries (YAML values), e.g. --set augment=true temperature=4; the "
+                             "output folders are named after them.")
     parser.add_argument("--summarise", action="store_true", help="Read finished runs only.")
     args = parser.parse_args()
+    overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     with open(args.config) as file:
         base_dir = yaml.safe_load(file)["output_dir"]
+    variant = "".join(f"-{key}{value}" for key, value in overrides.items())
     runs = {}
     for seed in args.seeds:
-        output_dir = f"{base_dir}_seed{seed}"
+        output_dir = f"{base_dir}{variant}_seed{seed}"
         if not args.summarise:
-            run(args.config, seed, output_dir)
+            run(args.config, seed, output_dir, overrides)
         runs[seed] = figures(output_dir)
     names = list(next(iter(runs.values())))
-    print(f"\n{args.config}, seeds {args.seeds}\n")
+    print(f"\n{args.config} {' '.join(args.set)}, seeds {args.seeds}\n")
     print("| model | validation | test | retention (val) | retention (test) | CPU speed-up |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in names:
