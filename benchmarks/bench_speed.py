@@ -126,6 +126,7 @@ TARGETS = {
     "align_narrow": ("align: hidden+attention / logits only (2x256)", "<=", 1.15),
     "lm_cached": ("lm: cached top-k step / Trainer LM step", "<=", 1.05),
     "lm_online": ("lm: online KD step / Trainer LM step + teacher fwd", "<=", 1.05),
+    "lm_online_topk": ("lm: online top-k KD step / Trainer LM step + teacher fwd", "<=", 1.05),
     "lm_cache_bytes": ("lm: top-k cache bytes / dense float32 bytes", "<=", 0.01),
 }
 
@@ -736,7 +737,8 @@ def lm_dataset(args) -> datasets.Dataset:
 
 def lm_trainer(kind: str, args, student, teacher, data: dict, work_dir: str, max_steps: int, collator) -> Trainer:
     """One variant of the lm benchmark: `plain` (`Trainer` on labels), `floor` (plain + a no-grad teacher forward),
-    `cached` (`DistillationTrainer` on the top-k cache) or `online` (`DistillationTrainer`, teacher every step)."""
+    `cached` (`DistillationTrainer` on the top-k cache), `online` (`DistillationTrainer`, teacher every step, its
+    full distribution) or `online_topk` (the same, on its top-k target: `online_top_k=True`)."""
     common = dict(model=student, data_collator=collator)
     if kind in ("plain", "floor"):
         arguments = training_arguments(TrainingArguments, work_dir, args.lm_batch_size, max_steps=max_steps)
@@ -748,7 +750,7 @@ def lm_trainer(kind: str, args, student, teacher, data: dict, work_dir: str, max
                                            temperature=args.lm_temperature)
         return DistillationTrainer(args=arguments, train_dataset=data["cached"], **common)
     arguments = distillation_arguments(work_dir, args.lm_batch_size, max_steps=max_steps, use_teacher_cache=False,
-                                       temperature=args.lm_temperature)
+                                       temperature=args.lm_temperature, online_top_k=kind == "online_topk")
     return DistillationTrainer(args=arguments, train_dataset=data["plain"], teacher_model=teacher, **common)
 
 
@@ -836,7 +838,8 @@ def bench_lm(args, work_dir):
         return train_and_time(trainer, collator)
 
     names = {"plain": "Trainer (labels)", "cached": f"DistillationTrainer (cached top-{top_k})",
-             "floor": "Trainer + teacher forward (floor)", "online": "DistillationTrainer online"}
+             "floor": "Trainer + teacher forward (floor)", "online": "DistillationTrainer online",
+             "online_topk": f"DistillationTrainer online, top-{top_k} target"}
 
     def variants(max_steps):
         return {name: lambda kind=kind: run(kind, max_steps) for kind, name in names.items()}
@@ -856,6 +859,7 @@ def bench_lm(args, work_dir):
         {
             "lm_cached": (names["cached"], names["plain"]),
             "lm_online": (names["online"], names["floor"]),
+            "lm_online_topk": (names["online_topk"], names["floor"]),
             "lm: teacher forward share (floor / Trainer)": (names["floor"], names["plain"]),
         },
         [same_work_note(fingerprints, list(values))],

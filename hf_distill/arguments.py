@@ -110,6 +110,10 @@ class DistillationTrainingArguments(TrainingArguments):
             most, probabilities at T = 2 within 0.004).
         teacher_cache_top_k (`int`, defaults to `64`):
             Vocabulary-sized outputs (causal and seq2seq LMs) cache the teacher's top-k log-probabilities per token.
+        online_top_k (`bool`, defaults to `False`):
+            With the teacher online on vocabulary-sized outputs, distil on the top-k target a cache would hold
+            (`teacher_cache_top_k`, `topk_tail`) instead of the teacher's full distribution: online and cached runs
+            train on the same loss, and the loss costs a few full-vocabulary passes less (benchmarks/README.md).
         topk_tail (`str`, defaults to `"rest"`):
             How a top-k target treats the probability outside the k classes: `"rest"` compares (k+1)-bucket
             distributions (exact when k covers the vocabulary), `"renormalise"` compares both distributions
@@ -213,6 +217,10 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     teacher_cache_top_k: int = field(
         default=64, metadata={"help": "Top-k log-probabilities cached per token for vocabulary-sized outputs."}
+    )
+    online_top_k: bool = field(
+        default=False,
+        metadata={"help": "Online teacher on vocabulary-sized outputs: distil on its top-k target, as a cache would."},
     )
     topk_tail: str = field(
         default="rest",

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
+from .losses import top_k_target
 from .teacher import check_teacher_logits_finite
 
 METADATA_FILE = "hf_distill_cache.json"
@@ -262,11 +263,8 @@ def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: floa
     """The stored fields of one batch: the head's logits, or their top-k log-probabilities and rest."""
     if head.cache_layout != TOPK:
         return values
-    log_probs = torch.log_softmax(values["logits"].float() / temperature, dim=-1)
-    topk_log_probs, topk_ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-    # Summed outside the top k rather than 1 - sum(top k): exact, and exactly 0 when k covers the vocabulary.
-    rest = torch.logsumexp(log_probs.scatter(-1, topk_ids, -torch.inf), dim=-1).exp()
-    return {"ids": topk_ids.int(), "log_probs": topk_log_probs, "rest": rest}
+    ids, log_probs, rest = top_k_target(values["logits"], top_k, temperature)
+    return {"ids": ids.int(), "log_probs": log_probs, "rest": rest}
 
 
 @torch.inference_mode()

@@ -303,6 +303,16 @@ def _log_rest(log_probs: torch.Tensor, topk_log_probs: torch.Tensor, ids: torch.
     return rest
 
 
+def top_k_target(logits: torch.Tensor, top_k: int, temperature: float = 1.0):
+    """A teacher's top-k target from its logits `(..., classes)`: `(ids (..., k) long, log_probs (..., k) float32
+    at temperature, rest_probs (...))`, the probability outside the k classes (0 when k covers the classes)."""
+    log_probs = torch.log_softmax(logits.float().flatten(0, -2) / temperature, dim=-1)
+    topk_log_probs, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
+    rest = _log_rest(log_probs, topk_log_probs, ids).exp()
+    leading = logits.shape[:-1]
+    return ids.view(*leading, -1), topk_log_probs.view(*leading, -1), rest.view(leading)
+
+
 def chunked_per_row(function, *row_tensors: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """`function(*row_tensors)` evaluated `chunk_size` rows at a time, each chunk recomputed in backward; in one
     piece (no recomputation) when the rows fit in one chunk.

@@ -38,6 +38,7 @@ from .losses import (
     mse_per_row,
     sparse_divergence_from_log_probs,
     tempered_log_softmax,
+    top_k_target,
 )
 from .model_card import build_model_card
 from .teacher import (
@@ -432,6 +433,8 @@ class DistillationTrainer(Trainer):
                 for view in views_by_teacher[name]:
                     check_teacher_logits_finite(view, self.teacher_models[name])
         teacher_views = self._combined_views(views_by_teacher)
+        if args.online_top_k and not isinstance(teacher_views[0], TopKTarget):
+            teacher_views = [TopKTarget(*top_k_target(teacher_views[0], self._top_k, args.temperature))]
 
         row_weight = units.row_weights(sample_weight)
         if head.cache_layout == TOPK:  # one view of vocabulary-sized logits: one student log-softmax for both terms
@@ -743,8 +746,8 @@ class DistillationTrainer(Trainer):
             settings["teacher_outputs"]["dtype"] = args.teacher_cache_dtype
             if args.teacher_cache_bf16:
                 settings["teacher_outputs"]["teacher_autocast"] = "bfloat16"
-            if self.head.cache_layout == TOPK:
-                settings["teacher_outputs"].update(top_k=self._top_k, topk_tail=args.topk_tail)
+        if self.head.cache_layout == TOPK and (cached or args.online_top_k):
+            settings["teacher_outputs"].update(top_k=self._top_k, topk_tail=args.topk_tail)
         return settings
 
     def create_model_card(

@@ -27,6 +27,11 @@ def check_distillation_inputs(
     """
     if teacher is not None:
         check_teacher_has_logits(teacher)
+    if args.online_top_k and head.cache_layout != TOPK:
+        raise ValueError(
+            f"online_top_k=True applies to vocabulary-sized outputs (causal and seq2seq LMs); this student's "
+            f"{head.name} head distils the teacher's full distribution: drop online_top_k."
+        )
     config = getattr(student, "config", None)
     if config is None:
         return

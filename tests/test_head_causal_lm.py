@@ -84,6 +84,17 @@ def test_top_k_cache_with_rest_bucket_matches_the_reference(tmp_path):
     assert loss.item() == pytest.approx(kd, rel=1e-4)
 
 
+def test_online_top_k_is_the_cached_top_k_loss(tmp_path):
+    dataset = toy_lm_dataset(6, prompt_length=2)
+    trainer = make_trainer(tmp_path, dataset, use_teacher_cache=False, online_top_k=True, teacher_cache_top_k=5)
+    batch = batch_of(trainer, dataset)
+    trainer.model.eval()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    kd, ce = reference_terms(trainer.student, trainer.teacher_model, batch, temperature=2.0, top_k=5)
+    assert loss.item() == pytest.approx(0.5 * kd + 0.5 * ce, rel=1e-4)
+    assert trainer.distillation_settings()["teacher_outputs"]["top_k"] == 5
+
+
 def test_alpha_zero_is_the_models_own_causal_lm_loss(tmp_path):
     dataset = toy_lm_dataset(6, prompt_length=2)
     trainer = make_trainer(tmp_path, dataset, alpha=0.0, use_teacher_cache=False)

@@ -134,3 +134,10 @@ def test_teacher_with_another_label_space_is_refused_before_any_work(tmp_path, t
     with pytest.raises(ValueError, match="BertForQuestionAnswering .*question_answering.* BertForTokenClassification"):
         make_trainer(tmp_path, tokenizer, tiny_bert_token(seed=2), tiny_bert_qa(seed=1), train=token_dataset(8))
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_online_top_k_is_refused_for_a_head_without_a_vocabulary(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="online_top_k=True applies to vocabulary-sized outputs.*token_classification"):
+        make_trainer(tmp_path, tokenizer, tiny_bert_token(seed=2), tiny_bert_token(seed=1), train=token_dataset(8),
+                     use_teacher_cache=False, online_top_k=True)
+    assert not (tmp_path / "out").exists()
