@@ -6,7 +6,8 @@ One process loads the teacher and the blocks once, then runs, in order:
   - the baseline: the student init trained on the LM loss alone, same blocks, same steps;
   - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm]` (e.g. `kl:T1:k64:a0.9`; `renorm`
     renormalises the top-k target instead of keeping a rest bucket; `seq` adds the
-    teacher's continuations of the first --seq_prompts blocks, sequence-level KD): a top-k cache at that k and T
+    teacher's continuations of the first --seq_prompts blocks, sequence-level KD, for the baseline's number of
+    steps): a top-k cache at that k and T
     (built once, then reused from --cache_dir), the same student init distilled on it for the same steps;
   - CPU tokens/s of teacher and student (interleaved passes, best of --rounds), the cache's size against dense
     logits, and the step-time ratio KD (cached top-k) / baseline from the two trainings' runtimes.
@@ -20,6 +21,7 @@ Targets: student perplexity <= 0.90 x the baseline's; >= 2x CPU tokens/s; top-k 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -133,6 +135,9 @@ def main():
         if variant["seq"]:
             data = with_teacher_generations(teacher, tokenizer, train, prompt_tokens=32, max_prompts=args.seq_prompts,
                                             do_sample=False, temperature=1.0, seed=0, cache_dir=args.cache_dir)
+            # The baseline's budget, as in the recipe: its steps over the text, not epochs over text + generations.
+            variant_args = dataclasses.replace(
+                variant_args, max_steps=math.ceil(len(train) / args.batch_size * args.epochs))
         cache_start = time.perf_counter()
         # One cache folder per (k, T): a cache records both, and one built at another T is refused, not reused.
         cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}")

@@ -12,6 +12,7 @@ reads finished runs.
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def main():
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     with open(args.config) as file:
         base_dir = yaml.safe_load(file)["output_dir"]
-    variant = "".join(f"-{key}{value}" for key, value in overrides.items())
+    variant = re.sub(r"[^\w.-]", "_", "".join(f"-{key}{value}" for key, value in overrides.items()))
     runs = {}
     for seed in args.seeds:
         output_dir = f"{base_dir}{variant}_seed{seed}"

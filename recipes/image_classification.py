@@ -47,7 +47,7 @@ from hf_distill.stages import (
     run_record,
     write_comparison,
 )
-from hf_distill.tasks.image_classification import load_image_classification_data, process_images
+from hf_distill.tasks.image_classification import load_image_classification_data, mixup_copies, process_images
 
 logger = logging.get_logger("hf_distill.recipes.image_classification")
 STUDENT_TYPES = ("vit", "deit")
@@ -103,6 +103,12 @@ class DataArguments:
     )
     augment_max_shift: int = field(default=1, metadata={"help": "Largest shift in pixels of --augment."})
     augment_flip: bool = field(default=False, metadata={"help": "Mirror half the views (not for digits)."})
+    mixup_copies: int = field(
+        default=0,
+        metadata={"help": "Transfer images for the students: this many mixup copies of the train set (two train "
+                  "images mixed, no label), which the teacher labels. The baselines train on the labelled images."},
+    )
+    mixup_alpha: float = field(default=1.0, metadata={"help": "Beta(alpha, alpha) of the mixup weights."})
     process_on_the_fly: bool = field(
         default=False, metadata={"help": "Process images on access instead of storing them (large images)."}
     )
@@ -110,6 +116,11 @@ class DataArguments:
     def __post_init__(self):
         if not 0 < self.train_val_split < 1:
             raise ValueError(f"--train_val_split must be in (0, 1), got {self.train_val_split}.")
+        if self.mixup_copies < 0 or self.mixup_alpha <= 0:
+            raise ValueError(f"--mixup_copies must be >= 0 and --mixup_alpha > 0, got {self.mixup_copies} and "
+                             f"{self.mixup_alpha}.")
+        if self.mixup_copies and (self.augment or self.process_on_the_fly):
+            raise ValueError("--mixup_copies mixes stored images: drop --augment / --process_on_the_fly to use it.")
 
 
 @dataclass
@@ -233,6 +244,10 @@ def main(argv=None):
         logger.warning("The train images are processed on access (--augment / --process_on_the_fly): the teacher "
                        "runs online on every batch, since a cached logit belongs to one view of an image.")
         training_args = dataclasses.replace(training_args, use_teacher_cache=False)
+    distill_train = processed["train"]
+    if data_args.mixup_copies:
+        distill_train = datasets.concatenate_datasets([distill_train, mixup_copies(
+            distill_train, data_args.mixup_copies, data_args.mixup_alpha, seed=training_args.seed)])
     claim_output_dir(output_dir, run_record(model_args, data_args, recipe_args),
                      recipe_args.overwrite_output_dir, training_args.process_index == 0)
     collator = default_data_collator
@@ -265,7 +280,7 @@ def main(argv=None):
         student_dir = os.path.join(output_dir, f"student{suffix}")
         trainer = DistillationTrainer(
             model=student, teacher_model=teacher, args=dataclasses.replace(training_args, output_dir=student_dir),
-            train_dataset=processed["train"], eval_dataset=processed["validation"], data_collator=collator,
+            train_dataset=distill_train, eval_dataset=processed["validation"], data_collator=collator,
             compute_metrics=compute_metrics,
         )
         trainer.train()
@@ -317,6 +332,9 @@ def main(argv=None):
             "student_init": {"architecture": type(trainer.student).__name__,
                              "config_overrides": model_args.student_config_overrides},
             "augmentation": augment,
+            **({"transfer_data": f"{data_args.mixup_copies} mixup copies of the train images (Beta("
+                                 f"{data_args.mixup_alpha:g}, {data_args.mixup_alpha:g})), labelled by the teacher"}
+               if data_args.mixup_copies else {}),
             "teacher_outputs": "online" if online_teacher else "cached",
             **({"inference": "mean of the class and distillation heads' logits (DeiT)"} if kind == "deit" else {}),
         }

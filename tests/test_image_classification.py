@@ -1,6 +1,7 @@
 """`recipes/image_classification.py` end to end on tiny random ViTs and scikit-learn digits (a few dozen images),
 from arrays and from an image folder, a ViT and a DeiT student, and its bad-input errors."""
 
+import glob
 import json
 import os
 import sys  # noqa: E402,I001 - the recipe folder, after the package imports
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from datasets import Dataset
 from huggingface_hub import ModelCard
 from PIL import Image
 from sklearn.datasets import load_digits
 from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher
 
-from hf_distill.tasks.image_classification import arrays_dataset, process_images
+from hf_distill.tasks.image_classification import arrays_dataset, mixup_copies, process_images
 
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 import image_classification as recipe  # noqa: E402
@@ -109,6 +111,36 @@ def test_augmented_views_differ_and_keep_their_size():
     assert first.shape == (1, 8, 8) and not np.array_equal(first, second)
 
 
+def test_mixup_copies_mix_two_train_images_without_a_label():
+    images = (load_digits().images[:6] * 15).astype(np.uint8)
+    from datasets import DatasetDict
+    from transformers import ViTImageProcessorPil
+
+    processor = ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
+    train = process_images(DatasetDict({"train": arrays_dataset(images, np.arange(6))}), processor, 1)["train"]
+    mixed = mixup_copies(train, copies=2, alpha=0.5, seed=3)
+    assert len(mixed) == 12 and set(mixed["labels"]) == {-1}
+    pixels = np.stack(train.with_format("numpy")["pixel_values"])
+    rng = np.random.default_rng(3)  # the draws mixup_copies makes, in its order
+    for copy in range(2):
+        partners = rng.permutation(6)
+        weights = rng.beta(0.5, 0.5, size=6).astype(np.float32)
+        for row in range(6):
+            expected = weights[row] * pixels[row] + (1 - weights[row]) * pixels[partners[row]]
+            np.testing.assert_allclose(np.asarray(mixed[copy * 6 + row]["pixel_values"]), expected, atol=1e-6)
+
+
+def test_students_distil_on_the_train_images_and_their_mixup_copies(tmp_path):
+    recipe.main(image_args(tmp_path, "--mixup_copies", "2"))
+    # The teacher labelled the 64 train images and 2 x 64 mixed ones (and the 32 validation images), once for both
+    # students.
+    cache_files = glob.glob(str(tmp_path / "cache" / "*" / "teacher_outputs.arrow"))
+    assert sorted(len(Dataset.from_file(path)) for path in cache_files) == [32, 64 * 3]
+    card = ModelCard.load(tmp_path / "run" / "student" / "README.md")
+    assert card.data.distillation["transfer_data"].startswith("2 mixup copies of the train images")
+    assert json.loads((tmp_path / "run" / "hf_distill_run.json").read_text())["DataArguments"]["mixup_copies"] == 2
+
+
 # ---- bad input ----
 
 
@@ -134,6 +166,12 @@ def test_bad_overrides_and_arrays(tmp_path):
     np.savez(tmp_path / "float.npz", images=np.zeros((4, 8, 8)), labels=np.zeros(4, dtype=int))
     with pytest.raises(ValueError, match="must be uint8"):
         recipe.main(image_args(tmp_path, "--train_file", str(tmp_path / "float.npz")))
+
+
+def test_mixup_copies_with_random_views_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="--mixup_copies mixes stored images: drop --augment"):
+        recipe.main(image_args(tmp_path, "--mixup_copies", "1", "--augment", "true"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_data_sources(tmp_path):

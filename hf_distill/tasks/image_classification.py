@@ -182,3 +182,24 @@ def process_images(
         else:
             processed[split] = dataset.map(stored, batched=True, remove_columns=["image"], desc=f"Processing {split}")
     return DatasetDict(processed)
+
+
+def mixup_copies(train: Dataset, copies: int, alpha: float = 1.0, seed: int = 0) -> Dataset:
+    """`copies` x `len(train)` unlabelled images for the teacher to label: each `lam * x_i + (1 - lam) * x_j`, two
+    stored train images (partners from a permutation per copy, `lam ~ Beta(alpha, alpha)`), label -1 (missing).
+
+    Mixup's inputs (Zhang et al. 2018) as transfer data: between two digits the teacher's soft labels say how much
+    each is there, which the one-hot labels of its own (memorised) train images cannot.
+    """
+    if train.format["type"] == "custom":
+        raise ValueError("Mixup copies mix stored images: drop --augment / --process_on_the_fly to use them.")
+    pixels = np.stack(train.with_format("numpy")["pixel_values"]).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    mixed = []
+    for _ in range(copies):
+        partners = rng.permutation(len(pixels))
+        weights = rng.beta(alpha, alpha, size=len(pixels)).astype(np.float32)[:, None, None, None]
+        mixed.append(weights * pixels + (1 - weights) * pixels[partners])
+    values = np.concatenate(mixed)
+    return Dataset.from_dict({"pixel_values": list(values), "labels": [-1] * len(values)},
+                             features=train.features)
