@@ -4,8 +4,9 @@ built from 6 of its 30 layers, on WikiText-2 raw (train: the validation text, re
 One process loads the teacher and the blocks once, then runs, in order:
   - the teacher on the held-out blocks (perplexity, its top-1 next tokens);
   - the baseline: the student init trained on the LM loss alone, same blocks, same steps;
-  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm]` (e.g. `kl:T1:k64:a0.9`; `renorm`
-    renormalises the top-k target instead of keeping a rest bucket; `seq` adds the
+  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm][:online]` (e.g. `kl:T1:k64:a0.9`;
+    `renorm` renormalises the top-k target instead of keeping a rest bucket; `online` runs the teacher every step
+    on its full distribution, no cache, the reference for the top-k target; `seq` adds the
     teacher's continuations of the first --seq_prompts blocks, sequence-level KD, for the baseline's number of
     steps): a top-k cache at that k and T
     (built once, then reused from --cache_dir), the same student init distilled on it for the same steps;
@@ -43,12 +44,12 @@ WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
 
 def parse_variant(spec: str) -> dict:
     parts = spec.split(":")
-    values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:],
+    values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:], "online": "online" in parts[1:],
               "topk_tail": "renormalise" if "renorm" in parts[1:] else "rest"}
     for part in parts[1:]:
         if part.startswith("T"):
             values["temperature"] = float(part[1:])
-        elif part.startswith("k"):
+        elif part.startswith("k") and part[1:].isdigit():
             values["top_k"] = int(part[1:])
         elif part.startswith("a"):
             values["alpha"] = float(part[1:])
@@ -141,24 +142,32 @@ def main():
         cache_start = time.perf_counter()
         # One cache folder per (k, T): a cache records both, and one built at another T is refused, not reused.
         cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}")
-        cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=cache_dir, batch_size=8,
-                                      head=CausalLMHead(), top_k=variant["top_k"], temperature=variant["temperature"])
+        if variant["online"]:  # the teacher's full distribution, every step
+            variant_args = dataclasses.replace(variant_args, use_teacher_cache=False)
+            cached, cache_file = data, None
+        else:
+            cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=cache_dir, batch_size=8,
+                                          head=CausalLMHead(), top_k=variant["top_k"],
+                                          temperature=variant["temperature"])
+            cache_file = os.path.join(default_cache_path(data, "teacher_logits", cache_dir), DATA_FILE)
         cache_seconds = time.perf_counter() - cache_start
-        cache_file = os.path.join(default_cache_path(data, "teacher_logits", cache_dir), DATA_FILE)
         tokens = len(data) * args.block_size
         trainer = DistillationTrainer(model=student(), teacher_model=teacher, args=variant_args, train_dataset=cached,
                                       processing_class=tokenizer, data_collator=default_data_collator)
         runtime = trainer.train().metrics["train_runtime"]
         metrics = evaluate_lm(trainer.student, held_out, teacher_predictions=teacher_top)
         metrics.pop("predictions")
-        cache_bytes = os.path.getsize(cache_file)
         results["variants"][spec] = {
             **variant, **metrics, "train_runtime": runtime, "steps": trainer.state.global_step,
-            "cache_seconds_this_run": cache_seconds, "cache_bytes": cache_bytes,
-            "cache_share_of_dense_float16": cache_bytes / (tokens * len(tokenizer) * 2),
-            "cache_share_of_dense_float32": cache_bytes / (tokens * len(tokenizer) * 4),
             "load_average_after": os.getloadavg(),
         }
+        if cache_file is not None:
+            cache_bytes = os.path.getsize(cache_file)
+            results["variants"][spec].update(
+                cache_seconds_this_run=cache_seconds, cache_bytes=cache_bytes,
+                cache_share_of_dense_float16=cache_bytes / (tokens * len(tokenizer) * 2),
+                cache_share_of_dense_float32=cache_bytes / (tokens * len(tokenizer) * 4),
+            )
         if "baseline" in results:
             results["variants"][spec]["perplexity_vs_baseline"] = metrics["perplexity"] / results["baseline"][
                 "perplexity"]
@@ -200,8 +209,10 @@ def markdown(results: dict) -> str:
     for spec, row in results.get("variants", {}).items():
         loss = row["distillation_loss"] + (f" β={row['jsd_beta']}" if row["distillation_loss"] == "jsd" else "")
         loss += " + seq-KD" if row["seq"] else ""
+        loss += ", teacher online" if row.get("online") else ""
+        top_k = "full" if row.get("online") else row["top_k"]
         lines.append(
-            f"| student `{spec}` | {loss} | {row['temperature']:g} | {row['top_k']} | {row['alpha']:g} | "
+            f"| student `{spec}` | {loss} | {row['temperature']:g} | {top_k} | {row['alpha']:g} | "
             f"{row['perplexity']:.2f} | {row.get('perplexity_vs_baseline', float('nan')):.3f} | "
             f"{row['teacher_agreement']:.1%} | {row.get('step_ratio_vs_baseline', float('nan')):.2f} |"
         )
