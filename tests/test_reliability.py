@@ -11,6 +11,7 @@ import torch
 from conftest import make_args, tiny_bert, toy_dataset
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, kl_divergence_loss
+from hf_distill.teacher import check_teacher_logits_finite
 
 SECRET = "hf_SECRETtoken0123456789abcdef"
 
@@ -125,6 +126,23 @@ def test_float16_teacher_overflow_while_caching(tmp_path, student):
             model=student, teacher_model=overflowing_teacher(), args=args, train_dataset=toy_dataset(16)
         )
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("values, refused", [
+    ([[1.0, 2.0], [3.0, -4.0]], False),
+    ([[1.0, -math.inf], [3.0, -4.0]], False),  # a masked class
+    ([[1.0, math.nan], [3.0, -4.0]], True),
+    ([[1.0, math.inf], [3.0, -4.0]], True),
+    ([[1.0, math.inf], [-math.inf, -4.0]], True),  # +inf and -inf: their sum is NaN, the check must still see +inf
+    ([[-math.inf, -math.inf], [3.0, -4.0]], True),  # a row without any class
+])
+def test_teacher_logit_check(values, refused):
+    logits = torch.tensor(values)
+    if refused:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            check_teacher_logits_finite(logits, torch.nn.Linear(1, 1))
+    else:
+        check_teacher_logits_finite(logits, torch.nn.Linear(1, 1))
 
 
 def test_masked_class_with_minus_inf_teacher_logit():
