@@ -13,6 +13,8 @@ DISTILLATION_LOSSES = ("auto", "kl", "reverse_kl", "jsd", "mse")
 TEACHER_ENSEMBLES = ("mean_probs", "mean_logits")
 TOPK_TAILS = ("rest", "renormalise")
 CACHE_DTYPES = ("float16", "float32")
+# Classes a top-k teacher target keeps per token (cached, or online with online_top_k).
+DEFAULT_TOP_K = 256
 # Alignment-loss weight fields, each a term `loss_<name without _loss_weight>` in the logs.
 ALIGNMENT_WEIGHTS = (
     "hidden_loss_weight",
@@ -218,7 +220,8 @@ class DistillationTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Run the cache-building teacher pass under bfloat16 autocast."}
     )
     teacher_cache_top_k: int = field(
-        default=256, metadata={"help": "Top-k log-probabilities cached per token for vocabulary-sized outputs."}
+        default=DEFAULT_TOP_K,
+        metadata={"help": "Top-k log-probabilities cached per token for vocabulary-sized outputs."},
     )
     online_top_k: bool = field(
         default=False,

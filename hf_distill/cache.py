@@ -41,6 +41,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from .arguments import DEFAULT_TOP_K
 from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
 from .losses import top_k_target
 from .teacher import check_teacher_logits_finite
@@ -371,7 +372,7 @@ def cache_teacher_logits(
     device: torch.device | str | None = None,
     show_progress: bool = True,
     head: DistillationHead | None = None,
-    top_k: int = 64,
+    top_k: int = DEFAULT_TOP_K,
     temperature: float = 1.0,
     bf16: bool = False,
 ) -> Dataset:
