@@ -122,23 +122,22 @@ class Variant:
     reuses: str | None = None  # variant whose fine-tuned teacher this one loads
     reuse_baseline: bool = True  # and whose label-only baseline it shares (False: another student init)
     seed_of: str | None = None  # a copy of this variant at another seed (`settings["seed"]`)
-    seeded_baseline: str | None = None  # a seeded copy's baseline: the copy at its seed of the variant baseline_from
 
     @property
     def baseline_from(self) -> str | None:
-        """The variant whose label-only baseline this one shares, or None: it trains its own."""
+        """The variant whose label-only baseline this one shares, or None: it trains its own. A seeded copy shares
+        the copy at its seed of the baseline its variant shares."""
         if self.seed_of is not None:
-            return self.seeded_baseline
+            shared = VARIANTS[self.seed_of].baseline_from
+            return None if shared is None else f"{shared}-seed{self.settings['seed']}"
         return self.reuses if self.reuses and self.reuse_baseline else None
 
 
 def seeded(variant: Variant, seed: int) -> Variant:
     """`variant` at another seed: the student and its baseline train with `seed`, the teacher is the base run's."""
-    owner = variant.reuses or variant.name
-    baseline = variant.baseline_from
     return Variant(
-        f"{variant.name}-seed{seed}", variant.config, {**variant.settings, "seed": seed}, reuses=owner,
-        seed_of=variant.name, seeded_baseline=None if baseline is None else f"{baseline}-seed{seed}",
+        f"{variant.name}-seed{seed}", variant.config, {**variant.settings, "seed": seed},
+        reuses=variant.reuses or variant.name, seed_of=variant.name,
     )
 
 
@@ -596,7 +595,6 @@ def write_summary(args, dirs: dict[str, str], variants: dict[str, Variant]) -> N
         variant
         for variant in variants.values()
         if has_results(dirs[variant.name]) and all(has_results(dirs[name]) for name in dependencies(variant))
-        and int(variant.settings.get("seed", BASE_SEED)) in args.seeds
     ]
     if not finished:
         print(f"No finished run in {args.output_dir} yet: nothing to summarise.")
