@@ -9,6 +9,8 @@ import os
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from .columns import pick_column
+
 DIGITS = "sklearn_digits"
 """`dataset_name` of scikit-learn's 8x8 handwritten digits (1,797 images, shipped with scikit-learn)."""
 IMAGE_COLUMNS = ("image", "img", "pixel_values_raw")
@@ -61,17 +63,6 @@ def _read_arrays(path: str) -> Dataset:
     return arrays_dataset(arrays["images"], arrays["labels"], names)
 
 
-def _pick(columns, given, candidates, what, flag):
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"The data has no {what} column {given!r} (columns: {columns}). Fix {flag}.")
-        return given
-    for name in candidates:
-        if name in columns:
-            return name
-    raise ValueError(f"The data has none of the {what} columns {list(candidates)} (columns: {columns}); use {flag}.")
-
-
 def load_image_classification_data(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -115,8 +106,8 @@ def load_image_classification_data(
     if "train" not in raw:
         raise ValueError(f"The data has no 'train' split (it has {list(raw)}).")
     columns = raw["train"].column_names
-    image_column = _pick(columns, image_column, IMAGE_COLUMNS, "image", "--image_column_name")
-    label_column = _pick(columns, label_column, LABEL_COLUMNS, "label", "--label_column_name")
+    image_column = pick_column(columns, image_column, IMAGE_COLUMNS, "image", "--image_column_name")
+    label_column = pick_column(columns, label_column, LABEL_COLUMNS, "label", "--label_column_name")
     feature = raw["train"].features[label_column]
     if not isinstance(feature, ClassLabel):
         raise ValueError(f"Column {label_column!r} holds {feature}, not class labels (datasets.ClassLabel).")

@@ -13,6 +13,7 @@ import os
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value, load_dataset
 
 from ..metrics.seqeval import split_iob_tag
+from .columns import pick_column
 
 IGNORE_INDEX = -100
 """Label of positions without a target (special tokens, continuation sub-tokens, unlabelled sentences)."""
@@ -56,19 +57,6 @@ def _read_file(path: str) -> Dataset:
     raise ValueError(
         f"Cannot tell the format of {path!r}: use .json/.jsonl (JSON lines with tokens and ner_tags) or "
         f"{'/'.join(CONLL_SUFFIXES)} (CoNLL columns)."
-    )
-
-
-def _pick_column(columns: list[str], given: str | None, candidates: tuple[str, ...], what: str, flag: str) -> str:
-    if given is not None:
-        if given not in columns:
-            raise ValueError(f"The data has no {what} column {given!r} (columns: {columns}). Fix {flag}.")
-        return given
-    for name in candidates:
-        if name in columns:
-            return name
-    raise ValueError(
-        f"The data has none of the {what} columns {list(candidates)} (columns: {columns}). Name it with {flag}."
     )
 
 
@@ -146,8 +134,8 @@ def load_token_classification_data(
     else:
         raise ValueError("Give either --dataset_name (a Hub dataset) or --train_file and --validation_file.")
     first = next(iter(raw.values()))
-    token_column = _pick_column(first.column_names, token_column, TOKEN_COLUMNS, "token", "--text_column_name")
-    label_column = _pick_column(first.column_names, label_column, LABEL_COLUMNS, "tag", "--label_column_name")
+    token_column = pick_column(first.column_names, token_column, TOKEN_COLUMNS, "token", "--text_column_name")
+    label_column = pick_column(first.column_names, label_column, LABEL_COLUMNS, "tag", "--label_column_name")
     names = _label_names(first, label_column, label_names, labels_file)
     for name in names:
         split_iob_tag(name)  # IOB names only: entity-level scores need them
@@ -178,7 +166,7 @@ def read_transfer_sentences(path: str) -> Dataset:
     JSON lines with `tokens`, or a CoNLL file (its tags are ignored). Returns a dataset with a `tokens` column."""
     if path.endswith((".json", ".jsonl") + CONLL_SUFFIXES[1:]):
         dataset = _read_file(path)
-        column = _pick_column(dataset.column_names, None, TOKEN_COLUMNS, "token", "--transfer_file")
+        column = pick_column(dataset.column_names, None, TOKEN_COLUMNS, "token", "--transfer_file")
         return dataset.select_columns([column]).rename_columns({column: "tokens"}) if column != "tokens" else (
             dataset.select_columns(["tokens"])
         )
