@@ -45,6 +45,7 @@ from .arguments import DEFAULT_TOP_K
 from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
 from .losses import top_k_target
 from .teacher import check_teacher_logits_finite
+from .validation import flat_column
 
 METADATA_FILE = "hf_distill_cache.json"
 DATA_FILE = "teacher_outputs.arrow"
@@ -189,7 +190,7 @@ def check_teacher_columns(dataset: Dataset, head: DistillationHead, column: str,
                 f"positions x {width} were expected ({bad.size} rows differ): it was built by a teacher with another "
                 f"output width or for other inputs. Rebuild it (hf_distill.cache_teacher_logits)."
             )
-    flat = {key: _flat_values(dataset, names[key]) for key in names}
+    flat = {key: flat_column(dataset, names[key]).to_numpy(zero_copy_only=False) for key in names}
     if "ids" in flat and flat["ids"].size and int(flat["ids"].max()) >= num_classes:
         raise ValueError(
             f"Column '{names['ids']}' holds token id {int(flat['ids'].max())} but the models compare "
@@ -201,13 +202,6 @@ def check_teacher_columns(dataset: Dataset, head: DistillationHead, column: str,
                 f"Column '{names[key]}' holds NaN or infinite teacher values. Rebuild the cache, in float32 if the "
                 "teacher's logits overflow float16 (teacher_cache_dtype='float32')."
             )
-
-
-def _flat_values(dataset: Dataset, column: str) -> np.ndarray:
-    values = dataset.with_format("arrow")[column]
-    if isinstance(values, pa.Table):
-        values = values.column(0)
-    return pc.list_flatten(values).to_numpy(zero_copy_only=False)
 
 
 def _check_logit_values(values: np.ndarray, column: str, num_labels: int) -> None:

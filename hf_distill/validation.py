@@ -80,7 +80,7 @@ def check_tokenizer_vocabulary(tokenizer, vocab_size: int | None) -> None:
         )
 
 
-def _flat_column(dataset: Dataset, column: str) -> pa.Array:
+def flat_column(dataset: Dataset, column: str) -> pa.Array:
     """The column `column` as one flat Arrow array (list columns flattened)."""
     values = dataset.with_format("arrow")[column]
     if isinstance(values, pa.Table):
@@ -123,12 +123,12 @@ def check_dataset(
             "can read it."
         )
     if "input_ids" in columns and vocab_size is not None:
-        _check_token_ids(_flat_column(dataset, "input_ids"), name, vocab_size)
+        _check_token_ids(flat_column(dataset, "input_ids"), name, vocab_size)
     for column in LABEL_COLUMNS:
         if column in columns and num_labels is not None and num_labels > 1:
-            _check_class_labels(_flat_column(dataset, column), name, column, num_labels)
+            _check_class_labels(flat_column(dataset, column), name, column, num_labels)
     if sample_weight_column in columns:
-        _check_sample_weights(_flat_column(dataset, sample_weight_column), name, sample_weight_column)
+        _check_sample_weights(flat_column(dataset, sample_weight_column), name, sample_weight_column)
 
 
 def _check_token_ids(token_ids: pa.Array, name: str, vocab_size: int) -> None:
