@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from huggingface_hub import ModelCard
 from PIL import Image
 from sklearn.datasets import load_digits
-from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher
+from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher, ViTImageProcessorPil
 
 from hf_distill.tasks.image_classification import arrays_dataset, mixup_copies, process_images
 
@@ -98,26 +98,22 @@ def test_image_folder_with_augmentation_runs_the_teacher_online(tmp_path):
     assert not (tmp_path / "cache").exists()  # nothing cached: a cached logit belongs to one view
 
 
-def test_augmented_views_differ_and_keep_their_size():
-    images = (load_digits().images[:4] * 15).astype(np.uint8)
-    splits = {"train": arrays_dataset(images, np.arange(4))}
-    from transformers import ViTImageProcessorPil
-
+def processed_digits(count, augment=None):
+    """The first `count` scikit-learn digits as a processed train split (ViT's processor, 8x8, [-1, 1])."""
+    images = (load_digits().images[:count] * 15).astype(np.uint8)
     processor = ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
-    from datasets import DatasetDict
+    return process_images(DatasetDict({"train": arrays_dataset(images, np.arange(count))}), processor, 1,
+                          augment)["train"]
 
-    processed = process_images(DatasetDict(splits), processor, 1, {"max_shift": 2, "flip": False})["train"]
+
+def test_augmented_views_differ_and_keep_their_size():
+    processed = processed_digits(4, {"max_shift": 2, "flip": False})
     first, second = np.asarray(processed[0]["pixel_values"]), np.asarray(processed[0]["pixel_values"])
     assert first.shape == (1, 8, 8) and not np.array_equal(first, second)
 
 
 def test_mixup_copies_mix_two_train_images_without_a_label():
-    images = (load_digits().images[:6] * 15).astype(np.uint8)
-    from datasets import DatasetDict
-    from transformers import ViTImageProcessorPil
-
-    processor = ViTImageProcessorPil(size={"height": 8, "width": 8}, image_mean=[0.5], image_std=[0.5])
-    train = process_images(DatasetDict({"train": arrays_dataset(images, np.arange(6))}), processor, 1)["train"]
+    train = processed_digits(6)
     mixed = mixup_copies(train, copies=2, alpha=0.5, seed=3)
     assert len(mixed) == 12 and set(mixed["labels"]) == {-1}
     pixels = np.stack(train.with_format("numpy")["pixel_values"])
