@@ -288,29 +288,51 @@ def forward_kl_and_cross_entropy_per_row(
 _EXACT_REST_ABOVE = 1.0 - 1e-3
 
 
-def _log_rest(log_probs: torch.Tensor, topk_log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _log_rest(
+    log_probs: torch.Tensor, topk_log_probs: torch.Tensor, ids: torch.Tensor, log_normaliser: torch.Tensor | None = None
+) -> torch.Tensor:
     """`log(1 - sum of the probabilities at ids)` per row `(rows,)`.
 
     `log1p(-mass)` costs nothing beside the softmax; where the k classes hold almost all the mass it would cancel,
-    so those rows (only) sum the probabilities outside the k classes instead, over the whole row.
+    so those rows (only) sum the probabilities outside the k classes instead, over the whole row. `log_probs` are
+    `(rows, classes)` log-probabilities, or logits when `log_normaliser` `(rows, 1)` gives their log-sum-exp.
     """
     mass = topk_log_probs.double().exp().sum(-1)
     rest = torch.log1p(-mass.clamp(max=_EXACT_REST_ABOVE)).to(log_probs.dtype)
     near_one = torch.nonzero(mass > _EXACT_REST_ABOVE).squeeze(-1)
     if near_one.numel():
-        outside = log_probs[near_one].scatter(-1, ids[near_one], -torch.inf)
+        exact = log_probs[near_one] if log_normaliser is None else log_probs[near_one] - log_normaliser[near_one]
+        outside = exact.scatter(-1, ids[near_one], -torch.inf)
         rest = rest.index_put((near_one,), torch.logsumexp(outside, dim=-1))
     return rest
 
 
+# Rows of logits per step of `top_k_target`: a few MB of a vocabulary-sized block stays in cache across its passes.
+TOP_K_TARGET_ROWS = 32
+
+
 def top_k_target(logits: torch.Tensor, top_k: int, temperature: float = 1.0):
     """A teacher's top-k target from its logits `(..., classes)`: `(ids (..., k) long, log_probs (..., k) float32
-    at temperature, rest_probs (...))`, the probability outside the k classes (0 when k covers the classes)."""
-    log_probs = torch.log_softmax(logits.float().flatten(0, -2) / temperature, dim=-1)
-    topk_log_probs, ids = log_probs.topk(min(top_k, log_probs.shape[-1]), dim=-1)
-    rest = _log_rest(log_probs, topk_log_probs, ids).exp()
+    at temperature, rest_probs (...))`, the probability outside the k classes (0 when k covers the classes).
+
+    The k classes are the top k of the raw logits (a positive temperature keeps their order) and their log-probabilities
+    are those logits less one log-sum-exp per row, so no full log-softmax is written; rows go `TOP_K_TARGET_ROWS` at a
+    time.
+    """
+    rows = logits.flatten(0, -2)
+    k = min(top_k, rows.shape[-1])
+    ids, log_probs, rest = [], [], []
+    for block in rows.split(TOP_K_TARGET_ROWS):
+        block = block.float()
+        scaled = block if temperature == 1.0 else block / temperature
+        block_top, block_ids = scaled.topk(k, dim=-1)
+        log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)
+        block_log_probs = block_top - log_normaliser
+        ids.append(block_ids)
+        log_probs.append(block_log_probs)
+        rest.append(_log_rest(scaled, block_log_probs, block_ids, log_normaliser).exp())
     leading = logits.shape[:-1]
-    return ids.view(*leading, -1), topk_log_probs.view(*leading, -1), rest.view(leading)
+    return torch.cat(ids).view(*leading, k), torch.cat(log_probs).view(*leading, k), torch.cat(rest).view(leading)
 
 
 def chunked_per_row(function, *row_tensors: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:

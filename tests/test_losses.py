@@ -207,6 +207,29 @@ def test_top_k_renormalised_matches_numpy():
     np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_target_matches_numpy_across_row_blocks(temperature):
+    from hf_distill.losses import TOP_K_TARGET_ROWS, top_k_target
+
+    rng = np.random.default_rng(15)
+    rows = 2 * TOP_K_TARGET_ROWS + 3  # three blocks, the last one short
+    logits = rng.normal(0, 3, size=(rows, 40))
+    logits[5, 7] = 60.0  # a row whose top k hold almost all the mass: its rest is summed exactly
+    log_p = log_softmax(logits / temperature, axis=-1)
+    expected_ids = np.argsort(-log_p, axis=-1)[:, :6]
+    expected_log_probs = np.take_along_axis(log_p, expected_ids, -1)
+    outside = log_p.copy()
+    np.put_along_axis(outside, expected_ids, -np.inf, -1)
+    expected_rest = np.exp(outside).sum(-1)
+
+    ids, log_probs, rest = top_k_target(torch.tensor(logits, dtype=torch.float32).view(1, rows, 40), 6, temperature)
+    assert ids.shape == log_probs.shape == (1, rows, 6) and rest.shape == (1, rows)
+    np.testing.assert_array_equal(ids[0].numpy(), expected_ids)
+    np.testing.assert_allclose(log_probs[0].numpy(), expected_log_probs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rest[0].numpy(), expected_rest, rtol=1e-4, atol=1e-30)
+    assert expected_rest[5] < 1e-8  # so the allclose above checked the exact path, not log1p of a rounded mass
+
+
 def test_chunked_rows_match_unchunked_values_and_gradients():
     from hf_distill.losses import chunked_per_row, divergence_per_row
 
