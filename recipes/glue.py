@@ -107,8 +107,12 @@ class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "Local train file (.tsv/.csv/.json)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file."})
     validation_mismatched_file: str | None = field(default=None, metadata={"help": "MNLI mismatched validation."})
-    transfer_file: str | None = field(
-        default=None, metadata={"help": "Unlabelled text (task columns) that the teacher labels for the student."}
+    transfer_file: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Files of text (the task's columns; any labels are dropped) that the teacher labels for the "
+            "student, e.g. other GLUE tasks' sentence pairs for a pair task."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Labelled train examples used."})
     transfer_train_samples: int = field(
@@ -129,6 +133,8 @@ class DataArguments:
     max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
 
     def __post_init__(self):
+        if isinstance(self.transfer_file, str):  # a YAML file may give one path as a plain string
+            self.transfer_file = [self.transfer_file]
         if self.max_seq_length < 1:
             raise ValueError(
                 f"--max_seq_length is the number of tokens kept per example and must be >= 1, got "
@@ -246,8 +252,8 @@ def with_transfer_data(raw, data_args, task, seed=0):
     if data_args.transfer_train_samples:
         end = min(num_labelled + data_args.transfer_train_samples, len(train))
         parts.append(unlabelled(train.select(range(num_labelled, end)).select_columns(list(task.text_columns))))
-    if data_args.transfer_file:
-        transfer = load_glue_data(task, train_file=data_args.transfer_file)["train"]
+    for transfer_file in data_args.transfer_file or ():
+        transfer = load_glue_data(task, train_file=transfer_file)["train"]
         parts.append(unlabelled(transfer.select_columns(list(task.text_columns))))
     if data_args.augment_copies:
         parts.append(unlabelled(augment_dataset(

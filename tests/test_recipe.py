@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import FIXTURES, fixture_words, recipe, recipe_args, save_teacher, tiny_bert, tiny_tokenizer
 from huggingface_hub import ModelCard
@@ -80,6 +81,23 @@ def test_transfer_file_examples_have_no_label(tmp_path):
     assert distill["label"][:10] == labelled["label"]
     assert distill["label"][10:] == [-1] * 7
     assert distill["sentence"][-2:] == ["the film is good", "a bad , dull movie"]
+
+
+def test_transfer_files_of_other_pair_tasks_lose_their_labels(tmp_path):
+    """STS-B's transfer pairs may come from other GLUE pair tasks: their 0/1 labels are not similarity scores."""
+    paraphrases = tmp_path / "mrpc.tsv"
+    paraphrases.write_text("sentence1\tsentence2\tlabel\nA cat sat .\tA cat was sitting .\t1\n")
+    entailments = tmp_path / "rte.tsv"
+    entailments.write_text("sentence1\tsentence2\tlabel\nIt rained .\tThe sun shone .\t0\nHe ran .\tHe moved .\t1\n")
+    data_args = recipe.DataArguments(
+        task_name="stsb", train_file=os.path.join(FIXTURES, "stsb", "train.tsv"),
+        transfer_file=[str(paraphrases), str(entailments)], max_train_samples=4,
+    )
+    raw = recipe.load_glue_data("stsb", train_file=data_args.train_file)
+    labelled, distill = recipe.with_transfer_data(raw, data_args, recipe.get_task("stsb"))
+    assert len(distill) == 7 and distill["label"][:4] == labelled["label"]
+    assert np.isnan(distill["label"][4:]).all()
+    assert distill["sentence2"][4:] == ["A cat was sitting .", "The sun shone .", "He moved ."]
 
 
 # ---- bad input: a clear error before any training ----
