@@ -121,6 +121,7 @@ class Variant:
     settings: dict = field(default_factory=dict)
     reuses: str | None = None  # variant whose fine-tuned teacher this one loads
     reuse_baseline: bool = True  # and whose label-only baseline it shares (False: another student init)
+    baseline_of: str | None = None  # or else this variant's baseline: the same student init and budget
     seed_of: str | None = None  # a copy of this variant at another seed (`settings["seed"]`)
 
     @property
@@ -130,6 +131,8 @@ class Variant:
         if self.seed_of is not None:
             shared = VARIANTS[self.seed_of].baseline_from
             return None if shared is None else f"{shared}-seed{self.settings['seed']}"
+        if self.baseline_of is not None:
+            return self.baseline_of
         return self.reuses if self.reuses and self.reuse_baseline else None
 
 
@@ -145,6 +148,10 @@ def seeded(variant: Variant, seed: int) -> Variant:
 NO_TRANSFER = {"augment_copies": 0, "alpha": 0.5, "num_train_epochs": 2}
 PRETRAINED_L3_STUDENT = "../shared/models/paraphrase-MiniLM-L3-v2"  # see ../shared/MODELS.md
 SST2_FULL_TRAIN = "../shared/data/glue/sst2/train.tsv"  # 67,349 rows; its first 20,000 are recipes/data/sst2's
+# Sentence pairs of other GLUE tasks (STS-B's columns), labels dropped: 3,668 + 2,490 pairs the STS-B teacher scores.
+OTHER_PAIRS = ["../shared/data/glue/mrpc/train.tsv", "../shared/data/glue/rte/train.tsv"]
+# STS-B with those pairs as transfer data, alpha 0.9, 3 epochs of 11,907 pairs: about the steps of stsb-6ep.
+STSB_PAIRS = {**NO_TRANSFER, "transfer_file": OTHER_PAIRS, "alpha": 0.9, "num_train_epochs": 3}
 
 
 def _sst2(name: str, **settings) -> Variant:
@@ -188,6 +195,18 @@ VARIANTS = {
             "stsb-6ep", "stsb_minilm.yaml", {**NO_TRANSFER, "num_train_epochs": 6},
             reuses="stsb-noaug", reuse_baseline=False,
         ),
+        *(
+            Variant(f"cola-teacher-{epochs}ep-lr{lr:g}", "cola_minilm.yaml",
+                    {"teacher_num_train_epochs": epochs, "teacher_learning_rate": lr})
+            for epochs, lr in ((6, 1e-4), (6, 5e-5))
+        ),
+        Variant("stsb-pairs", "stsb_minilm.yaml", STSB_PAIRS, reuses="stsb-noaug", reuse_baseline=False),
+        Variant(
+            "stsb-aug1", "stsb_minilm.yaml", {**NO_TRANSFER, "augment_copies": 1, "alpha": 0.9, "num_train_epochs": 3},
+            reuses="stsb-noaug", baseline_of="stsb-pairs",
+        ),
+        Variant("stsb-pairs-2stage", "stsb_minilm.yaml", {**STSB_PAIRS, "intermediate_epochs": 1},
+                reuses="stsb-noaug", baseline_of="stsb-pairs"),
     )
 }
 
