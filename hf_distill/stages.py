@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 
 from accelerate import PartialState
 from huggingface_hub import HfApi
@@ -18,6 +19,19 @@ from .student_init import init_student_from_teacher
 
 logger = logging.get_logger(__name__)
 RUN_RECORD = "hf_distill_run.json"
+
+
+@dataclass
+class RecipeArguments:
+    """What every recipe does around its training: the baseline, the CPU throughput measure, the output folder. A
+    recipe subclasses it for its own stages (and may set another default by declaring a field again)."""
+
+    baseline: bool = field(
+        default=True, metadata={"help": "Also train the student init without the teacher: the label-only baseline."}
+    )
+    latency_batch_size: int = field(default=32, metadata={"help": "Batch size of the CPU throughput measurement."})
+    latency_rounds: int = field(default=3, metadata={"help": "Interleaved timing passes per model; the best counts."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
 def parse_args(dataclass_types, argv: list[str]):

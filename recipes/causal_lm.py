@@ -25,7 +25,7 @@ import datasets
 from transformers import HfArgumentParser, Trainer, default_data_collator, set_seed
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits, stages
 from hf_distill.heads import CausalLMHead
 from hf_distill.models import check_same_tokenizer, load_causal_lm, load_lm_tokenizer
 from hf_distill.report import ReportRow, build_report, compare_throughput, count_parameters, size_on_disk, write_report
@@ -98,15 +98,12 @@ class DataArguments:
 
 
 @dataclass
-class RecipeArguments:
+class RecipeArguments(stages.RecipeArguments):
     distill: bool = field(default=True, metadata={"help": "Stages 2-3: cache the teacher and distil the student."})
-    baseline: bool = field(default=True, metadata={"help": "Also train the student init on the LM loss alone."})
     num_sample_generations: int = field(default=3, metadata={"help": "Prompts of the side-by-side generations."})
     sample_max_new_tokens: int = field(default=24, metadata={"help": "Tokens each sample generation adds."})
     latency_batch_size: int = field(default=8, metadata={"help": "Blocks per batch of the CPU throughput measure."})
-    latency_rounds: int = field(default=3, metadata={"help": "Interleaved passes per model; the fastest counts."})
     latency_max_blocks: int = field(default=32, metadata={"help": "Held-out blocks each throughput pass reads."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
 def parse_args(argv):

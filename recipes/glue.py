@@ -26,7 +26,7 @@ from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset, stages
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
 from hf_distill.cache import tokenizer_digest
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
@@ -150,8 +150,7 @@ class DataArguments:
 
 
 @dataclass
-class RecipeArguments:
-    baseline: bool = field(default=True, metadata={"help": "Also train the student init on labels only."})
+class RecipeArguments(stages.RecipeArguments):
     intermediate_epochs: float = field(
         default=0.0,
         metadata={
@@ -162,11 +161,6 @@ class RecipeArguments:
     student_finetune_epochs: float = field(
         default=0.0, metadata={"help": "Stage 4: epochs of label-only fine-tuning after distillation."}
     )
-    latency_batch_size: int = field(default=32, metadata={"help": "Batch size of the CPU throughput measurement."})
-    latency_rounds: int = field(
-        default=3, metadata={"help": "Interleaved passes over the validation set per model; the fastest counts."}
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
 @dataclass

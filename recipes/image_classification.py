@@ -37,7 +37,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, stages
 from hf_distill.models import load_model, resolve_model_path
 from hf_distill.stages import (
     claim_output_dir,
@@ -124,11 +124,8 @@ class DataArguments:
 
 
 @dataclass
-class RecipeArguments:
-    baseline: bool = field(default=True, metadata={"help": "Also train each student on labels only."})
+class RecipeArguments(stages.RecipeArguments):
     latency_batch_size: int = field(default=64, metadata={"help": "Batch size of the CPU throughput measurement."})
-    latency_rounds: int = field(default=3, metadata={"help": "Interleaved timing passes per model; the best counts."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
 def parse_overrides(text: str | None, flag: str) -> dict:

@@ -32,6 +32,7 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.metrics import make_token_classification_compute_metrics
 from hf_distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model_path
 from hf_distill.stages import (
+    RecipeArguments,
     claim_output_dir,
     evaluate_model,
     new_student,
@@ -112,14 +113,6 @@ class DataArguments:
             raise ValueError("Give --dataset_name (e.g. conll2003) or --train_file and --validation_file.")
         if self.train_file and not self.validation_file:
             raise ValueError("--train_file needs a --validation_file too: the report compares models on it.")
-
-
-@dataclass
-class RecipeArguments:
-    baseline: bool = field(default=True, metadata={"help": "Also train the student init on labels only."})
-    latency_batch_size: int = field(default=32, metadata={"help": "Batch size of the CPU throughput measurement."})
-    latency_rounds: int = field(default=3, metadata={"help": "Interleaved timing passes per model; the best counts."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
 def check_teacher_labels(name_or_path: str, label_names: list[str]) -> None:
