@@ -450,6 +450,28 @@ def train_logs(trainer, keys=("loss", "grad_norm", "loss_kd", "loss_ce")):
     return np.array([[log[key] for key in keys] for log in trainer.state.log_history if "loss" in log])
 
 
+def cached_and_online_logs(tmp_path, new_trainer, teacher, dataset, cached):
+    """`train_logs` of one student trained on the `cached` teacher outputs, then on `dataset` with `teacher`
+    online. `new_trainer(output_dir, teacher=..., train=..., use_teacher_cache=...)` builds a fresh student."""
+    logs = []
+    for name, train, online_teacher in (("cached", cached, None), ("online", dataset, teacher)):
+        trainer = new_trainer(tmp_path / name, teacher=online_teacher, train=train, use_teacher_cache=False)
+        trainer.train()
+        logs.append(train_logs(trainer))
+    return logs
+
+
+def full_and_accumulated_logs(tmp_path, new_trainer, dataset):
+    """`train_logs` of one student trained on batches of 8, then on batches of 4 accumulated over 2 micro-batches."""
+    logs = []
+    for name, batch_size, accumulation in (("full", 8, 1), ("accumulated", 4, 2)):
+        trainer = new_trainer(tmp_path / name, train=dataset, per_device_train_batch_size=batch_size,
+                              gradient_accumulation_steps=accumulation)
+        trainer.train()
+        logs.append(train_logs(trainer))
+    return logs
+
+
 # ---- the causal-LM recipe on the text fixtures ----
 
 LM_FIXTURES = os.path.join(REPO, "tests", "fixtures", "lm")

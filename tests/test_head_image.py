@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    cached_and_online_logs,
+    full_and_accumulated_logs,
     image_dataset,
     make_args,
     reference_ce_rows,
@@ -50,6 +52,13 @@ def make_trainer(tmp_path, student, teacher=None, train=None, eval_dataset=None,
     )
 
 
+def new_student_trainer(build_student):
+    """Builds trainers of a fresh `build_student(seed=2)` (alpha 0.5, 3 steps) for the runs in conftest."""
+    return lambda output_dir, teacher=None, train=None, **overrides: make_trainer(
+        output_dir, build_student(seed=2), teacher, train=train, alpha=0.5, max_steps=3, **overrides
+    )
+
+
 def random_sign_flip(batch):
     """A random augmentation applied on access: each image negated with probability 1/2."""
     signs = np.where(np.random.default_rng().random(len(batch["pixel_values"])) < 0.5, -1.0, 1.0)
@@ -82,26 +91,16 @@ def test_vit_loss_matches_a_numpy_reference(tmp_path, use_teacher_cache):
 def test_vit_cached_and_online_teachers_train_identically(tmp_path):
     teacher, dataset = peaked_vit_teacher(), image_dataset(24)
     cached = cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path / "c"), dtype="float32")
-    runs = {}
-    for name, train, model_teacher in (("cached", cached, None), ("online", dataset, teacher)):
-        trainer = make_trainer(tmp_path / name, tiny_vit(seed=2), model_teacher, train=train, alpha=0.5, max_steps=3,
-                               use_teacher_cache=False)
-        trainer.train()
-        runs[name] = train_logs(trainer)
-    np.testing.assert_allclose(runs["online"], runs["cached"], rtol=1e-4)
+    cached_logs, online_logs = cached_and_online_logs(tmp_path, new_student_trainer(tiny_vit), teacher, dataset, cached)
+    np.testing.assert_allclose(online_logs, cached_logs, rtol=1e-4)
 
 
 @pytest.mark.parametrize("build_student", [tiny_vit, tiny_deit_with_teacher])
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, build_student):
     dataset = cache_teacher_logits(peaked_vit_teacher(), image_dataset(32), cache_dir=str(tmp_path / "c"),
                                    dtype="float32")
-    runs = {}
-    for name, batch_size, accumulation in (("full", 8, 1), ("accumulated", 4, 2)):
-        trainer = make_trainer(tmp_path / name, build_student(seed=2), train=dataset, alpha=0.5, max_steps=3,
-                               per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation)
-        trainer.train()
-        runs[name] = train_logs(trainer)
-    np.testing.assert_allclose(runs["accumulated"], runs["full"], rtol=1e-5)
+    full_logs, accumulated_logs = full_and_accumulated_logs(tmp_path, new_student_trainer(build_student), dataset)
+    np.testing.assert_allclose(accumulated_logs, full_logs, rtol=1e-5)
 
 
 def test_vit_student_moves_toward_the_teacher(tmp_path):

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    cached_and_online_logs,
+    full_and_accumulated_logs,
     make_args,
     reference_ce_rows,
     reference_kl_rows,
@@ -52,6 +54,14 @@ def make_trainer(tmp_path, tokenizer, student, teacher=None, train=None, eval_da
     )
 
 
+def new_student_trainer(tokenizer, **settings):
+    """Builds trainers of a fresh `tiny_bert_token(seed=2)` (alpha 0.5, 3 steps) for the runs in conftest."""
+    return lambda output_dir, teacher=None, train=None, **overrides: make_trainer(
+        output_dir, tokenizer, tiny_bert_token(seed=2), teacher, train=train, alpha=0.5, max_steps=3,
+        **settings, **overrides,
+    )
+
+
 @pytest.mark.parametrize("use_teacher_cache", [True, False])
 def test_loss_matches_a_numpy_reference_over_tokens(tmp_path, tokenizer, use_teacher_cache):
     # 8 examples of lengths 4..12 (padding), -100 on special tokens and some words, examples 3 and 7 unlabelled.
@@ -77,27 +87,17 @@ def test_cached_and_online_teachers_train_identically(tmp_path, tokenizer):
     teacher, dataset = peaked_token_teacher(), token_dataset(24)
     cached = cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path / "c"), dtype="float32")
     assert len(cached[0]["teacher_logits"]) == len(dataset[0]["input_ids"]) * 3  # (length, num_labels) flattened
-    runs = {}
-    for name, train, model_teacher in (("cached", cached, None), ("online", dataset, teacher)):
-        trainer = make_trainer(tmp_path / name, tokenizer, tiny_bert_token(seed=2), model_teacher, train=train,
-                               alpha=0.5, max_steps=3, use_teacher_cache=False)
-        trainer.train()
-        runs[name] = train_logs(trainer)
-    np.testing.assert_allclose(runs["online"], runs["cached"], rtol=1e-4)
+    cached_logs, online_logs = cached_and_online_logs(tmp_path, new_student_trainer(tokenizer), teacher, dataset,
+                                                      cached)
+    np.testing.assert_allclose(online_logs, cached_logs, rtol=1e-4)
 
 
 def test_gradient_accumulation_counts_the_tokens_of_the_whole_step(tmp_path, tokenizer):
     # Micro-batches hold different numbers of real and labelled tokens: a per-micro-batch mean would differ.
     dataset = cache_teacher_logits(peaked_token_teacher(), token_dataset(32), cache_dir=str(tmp_path / "c"),
                                    dtype="float32")
-    runs = {}
-    for name, batch_size, accumulation in (("full", 8, 1), ("accumulated", 4, 2)):
-        trainer = make_trainer(tmp_path / name, tokenizer, tiny_bert_token(seed=2), train=dataset, alpha=0.5,
-                               max_steps=3, per_device_train_batch_size=batch_size,
-                               gradient_accumulation_steps=accumulation)
-        trainer.train()
-        runs[name] = train_logs(trainer)
-    np.testing.assert_allclose(runs["accumulated"], runs["full"], rtol=1e-5)
+    full_logs, accumulated_logs = full_and_accumulated_logs(tmp_path, new_student_trainer(tokenizer), dataset)
+    np.testing.assert_allclose(accumulated_logs, full_logs, rtol=1e-5)
 
 
 def test_student_moves_toward_the_teacher(tmp_path, tokenizer):
