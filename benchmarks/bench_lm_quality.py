@@ -4,8 +4,9 @@ built from 6 of its 30 layers, on WikiText-2 raw (train: the validation text, re
 One process loads the teacher and the blocks once, then runs, in order:
   - the teacher on the held-out blocks (perplexity, its top-1 next tokens);
   - the baseline: the student init trained on the LM loss alone, same blocks, same steps;
-  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm][:online]` (e.g. `kl:T1:k64:a0.9`;
-    `renorm` renormalises the top-k target instead of keeping a rest bucket; `online` runs the teacher every step
+  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm][:sampled][:online]` (e.g. `kl:T1:k64:a0.9`;
+    `renorm` renormalises the top-k target instead of keeping a rest bucket; `sampled` caches k draws from the
+    teacher instead of its top k (`sparse_target="sampled"`); `online` runs the teacher every step
     on its full distribution, no cache, the reference for the top-k target; `seq` adds the
     teacher's continuations of the first --seq_prompts blocks, sequence-level KD, for the baseline's number of
     steps): a top-k cache at that k and T
@@ -45,7 +46,8 @@ WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
 def parse_variant(spec: str) -> dict:
     parts = spec.split(":")
     values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:], "online": "online" in parts[1:],
-              "topk_tail": "renormalise" if "renorm" in parts[1:] else "rest"}
+              "topk_tail": "renormalise" if "renorm" in parts[1:] else "rest",
+              "sparse_target": "sampled" if "sampled" in parts[1:] else "top_k"}
     for part in parts[1:]:
         if part.startswith("T"):
             values["temperature"] = float(part[1:])
@@ -132,6 +134,7 @@ def main():
             training, distillation_loss=variant["distillation_loss"], temperature=variant["temperature"],
             student_temperature=variant["temperature"], alpha=variant["alpha"], jsd_beta=variant["jsd_beta"],
             teacher_cache_top_k=variant["top_k"], topk_tail=variant["topk_tail"],
+            sparse_target=variant["sparse_target"],
         )
         data = train
         if variant["seq"]:
@@ -141,15 +144,17 @@ def main():
             variant_args = dataclasses.replace(
                 variant_args, max_steps=math.ceil(len(train) / args.batch_size * args.epochs))
         cache_start = time.perf_counter()
-        # One cache folder per (k, T): a cache records both, and one built at another T is refused, not reused.
-        cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}")
+        # One cache folder per (target, k, T): a cache records them, and one built at another T is refused.
+        cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}"
+                                 + ("-sampled" if variant["sparse_target"] == "sampled" else ""))
         if variant["online"]:  # the teacher's full distribution, every step
             variant_args = dataclasses.replace(variant_args, use_teacher_cache=False)
             cached, cache_file = data, None
         else:
             cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=cache_dir, batch_size=8,
                                           head=CausalLMHead(), top_k=variant["top_k"],
-                                          temperature=variant["temperature"])
+                                          temperature=variant["temperature"], sparse_target=variant["sparse_target"],
+                                          seed=variant_args.seed)
             cache_file = os.path.join(default_cache_path(data, "teacher_logits", cache_dir), DATA_FILE)
         cache_seconds = time.perf_counter() - cache_start
         tokens = len(data) * args.block_size
@@ -212,6 +217,7 @@ def markdown(results: dict) -> str:
         loss += " + seq-KD" if row["seq"] else ""
         loss += ", teacher online" if row.get("online") else ""
         top_k = "full" if row.get("online") else row["top_k"]
+        top_k = f"{top_k} draws" if row.get("sparse_target") == "sampled" and not row.get("online") else top_k
         lines.append(
             f"| student `{spec}` | {loss} | {row['temperature']:g} | {top_k} | {row['alpha']:g} | "
             f"{row['perplexity']:.2f} | {row.get('perplexity_vs_baseline', float('nan')):.3f} | "

@@ -9,9 +9,9 @@ from typing import ClassVar
 
 from transformers import TrainingArguments
 
+from .losses import SPARSE_TARGETS, TEACHER_ENSEMBLES, TOPK_TAILS
+
 DISTILLATION_LOSSES = ("auto", "kl", "reverse_kl", "jsd", "mse")
-TEACHER_ENSEMBLES = ("mean_probs", "mean_logits")
-TOPK_TAILS = ("rest", "renormalise")
 CACHE_DTYPES = ("float16", "float32")
 # Classes a top-k teacher target keeps per token (cached, or online with online_top_k).
 DEFAULT_TOP_K = 256
@@ -118,6 +118,13 @@ class DistillationTrainingArguments(TrainingArguments):
             With the teacher online on vocabulary-sized outputs, distil on the top-k target a cache would hold
             (`teacher_cache_top_k`, `topk_tail`) instead of the teacher's full distribution: online and cached runs
             train on the same loss, and the loss costs a few full-vocabulary passes less (benchmarks/README.md).
+        sparse_target (`str`, defaults to `"top_k"`):
+            Which `teacher_cache_top_k` classes per token a vocabulary-sized target keeps (cached, or online with
+            `online_top_k`): `"top_k"`, the most likely ones and the probability of the rest; `"sampled"`, the
+            classes of that many draws from the teacher's distribution, each at its share of the draws (Random-
+            Sampling KD, Anshumann et al. 2025): unbiased where top-k never shows the student the teacher's tail.
+            Forward KL (`distillation_loss` `"kl"` or `"auto"`) with `topk_tail="rest"` only. Cached draws are
+            seeded by `seed`; online ones are fresh every step.
         topk_tail (`str`, defaults to `"rest"`):
             How a top-k target treats the probability outside the k classes: `"rest"` compares (k+1)-bucket
             distributions (exact when k covers the vocabulary), `"renormalise"` compares both distributions
@@ -227,6 +234,11 @@ class DistillationTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Online teacher on vocabulary-sized outputs: distil on its top-k target, as a cache would."},
     )
+    sparse_target: str = field(
+        default="top_k",
+        metadata={"help": "Classes a vocabulary-sized target keeps: the 'top_k' most likely, or 'sampled' draws.",
+                  "choices": list(SPARSE_TARGETS)},
+    )
     topk_tail: str = field(
         default="rest",
         metadata={"help": "Probability outside a top-k target: 'rest' bucket or 'renormalise'.",
@@ -263,6 +275,15 @@ class DistillationTrainingArguments(TrainingArguments):
         _check(self.teacher_cache_max_tokens is None or self.teacher_cache_max_tokens >= 1,
                "teacher_cache_max_tokens", self.teacher_cache_max_tokens, ">= 1 or None")
         _check(self.topk_tail in TOPK_TAILS, "topk_tail", self.topk_tail, f"one of {TOPK_TAILS}")
+        _check(self.sparse_target in SPARSE_TARGETS, "sparse_target", self.sparse_target, f"one of {SPARSE_TARGETS}")
+        forward_kl_with_rest = self.distillation_loss in ("auto", "kl") and self.topk_tail == "rest"
+        if self.sparse_target == "sampled" and not forward_kl_with_rest:
+            raise ValueError(
+                f"sparse_target='sampled' estimates the forward KL over the student's whole vocabulary; "
+                f"distillation_loss={self.distillation_loss!r} with topk_tail={self.topk_tail!r} would compare the "
+                "student with a distribution that is 0 outside the draws. Use distillation_loss='kl' and "
+                "topk_tail='rest', or sparse_target='top_k'."
+            )
         _check(self.teacher_ensemble in TEACHER_ENSEMBLES, "teacher_ensemble", self.teacher_ensemble,
                f"one of {TEACHER_ENSEMBLES}")
         weights = self.teacher_weights or []
@@ -313,7 +334,7 @@ class DistillationTrainingArguments(TrainingArguments):
             cache_dir=self.teacher_cache_dir, dtype=self.teacher_cache_dtype, batch_size=self.teacher_cache_batch_size,
             max_batch_tokens=self.teacher_cache_max_tokens, overwrite=self.overwrite_teacher_cache,
             show_progress=not self.disable_tqdm, top_k=self.teacher_cache_top_k, temperature=self.temperature,
-            bf16=self.teacher_cache_bf16,
+            bf16=self.teacher_cache_bf16, sparse_target=self.sparse_target, seed=self.seed,
         )
 
     @property

@@ -43,7 +43,8 @@ from transformers import PreTrainedModel
 
 from .arguments import DEFAULT_TOP_K
 from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
-from .losses import top_k_target
+from .losses import SPARSE_TARGETS
+from .losses import sparse_target as make_sparse_target
 from .teacher import check_teacher_logits_finite
 from .validation import flat_column
 
@@ -254,19 +255,21 @@ def length_grouped_batches(
         start = stop
 
 
-def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: float) -> dict[str, torch.Tensor]:
-    """The stored fields of one batch: the head's logits, or their top-k log-probabilities and rest."""
+def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: float, sparse_target: str,
+            generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+    """The stored fields of one batch: the head's logits, or their sparse target's log-probabilities and rest."""
     if head.cache_layout != TOPK:
         return values
-    ids, log_probs, rest = top_k_target(values["logits"], top_k, temperature)
+    ids, log_probs, rest = make_sparse_target(values["logits"], sparse_target, top_k, temperature, generator)
     return {"ids": ids.int(), "log_probs": log_probs, "rest": rest}
 
 
 @torch.inference_mode()
 def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress, top_k, temperature,
-                 pad_token_id, bf16=False):
+                 pad_token_id, bf16=False, sparse_target="top_k", seed=0):
     """Yield `(first_index, {field: [per-example arrays]})` shard by shard, in dataset order; with `bf16`, the
-    teacher runs under bfloat16 autocast."""
+    teacher runs under bfloat16 autocast. Sampled targets draw from a generator seeded with `seed`."""
+    generator = torch.Generator(device=device).manual_seed(seed) if sparse_target == "sampled" else None
     lengths = _lengths(dataset, head.length_column)
     input_columns = [name for name in (*head.input_names, head.length_column) if name in dataset.column_names]
     rows = dataset.select_columns(list(dict.fromkeys(input_columns))).with_format(None)
@@ -298,7 +301,7 @@ def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, s
                     values = head.cache_values(teacher(**inputs), inputs)
                 # An overflow in the teacher itself, before any storage cast.
                 check_teacher_logits_finite(values["logits"], teacher)
-                values = _encode(head, values, top_k, temperature)
+                values = _encode(head, values, top_k, temperature, sparse_target, generator)
                 for key, value in values.items():
                     value = value.float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
                     for row, index in enumerate(indices):
@@ -369,6 +372,8 @@ def cache_teacher_logits(
     top_k: int = DEFAULT_TOP_K,
     temperature: float = 1.0,
     bf16: bool = False,
+    sparse_target: str = "top_k",
+    seed: int = 0,
 ) -> Dataset:
     """Return `dataset` with the teacher's outputs as columns, computed once and reused on later calls.
 
@@ -388,10 +393,12 @@ def cache_teacher_logits(
         device: where the teacher runs; default the device of its parameters.
         show_progress: show a progress bar while the teacher runs.
         head: the [`~hf_distill.heads.DistillationHead`]; its `num_classes` limits vocabulary-sized outputs.
-        top_k: classes kept per token by top-k layouts.
+        top_k: classes kept per token by top-k layouts (with `sparse_target="sampled"`, the draws per token).
         temperature: temperature of the stored top-k log-probabilities (the distillation temperature).
         bf16: run the teacher under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX, at logits
             further from float32 than float16 storage (benchmarks/README.md); part of the fingerprint.
+        sparse_target: top-k layouts keep the `"top_k"` most likely classes, or the classes of `top_k` `"sampled"`
+            draws (`hf_distill.losses.sampled_target`), drawn with `seed`.
 
     Under several processes the main process builds the cache and the others wait and load it.
     """
@@ -428,6 +435,8 @@ def cache_teacher_logits(
         raise ValueError(f"dtype={dtype!r} is not supported: use one of {sorted(_NUMPY_DTYPES)}.")
     if top_k < 1:
         raise ValueError(f"top_k={top_k} is invalid: keep at least 1 class per token.")
+    if sparse_target not in SPARSE_TARGETS:
+        raise ValueError(f"sparse_target={sparse_target!r} is not supported: use one of {SPARSE_TARGETS}.")
 
     state = PartialState()
     if device is None:
@@ -440,10 +449,12 @@ def cache_teacher_logits(
     record = _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
     if bf16:  # absent otherwise: caches built before the option keep their fingerprint
         record["teacher_autocast"] = "bfloat16"
+    if head.cache_layout == TOPK and sparse_target != "top_k":  # likewise
+        record.update(sparse_target=sparse_target, seed=seed)
     build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
                  batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
                  show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes,
-                 bf16=bf16)
+                 bf16=bf16, sparse_target=sparse_target, seed=seed)
     with state.main_process_first(), _exclusive_build(path):
         if os.path.exists(os.path.join(path, METADATA_FILE)):
             with open(os.path.join(path, METADATA_FILE)) as file:
@@ -488,7 +499,7 @@ def distribution_width(config, head: DistillationHead) -> int:
 
 
 def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_batch_tokens, device,
-           show_progress, top_k, temperature, num_classes, bf16) -> None:
+           show_progress, top_k, temperature, num_classes, bf16, sparse_target, seed) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp_path = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
@@ -497,7 +508,7 @@ def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_b
         features = _features(head.cache_layout, names, dtype, num_classes)
         with ArrowWriter(features=features, path=os.path.join(tmp_path, DATA_FILE)) as writer:
             for _, shard in _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress,
-                                         top_k, temperature, pad_token_id, bf16):
+                                         top_k, temperature, pad_token_id, bf16, sparse_target, seed):
                 columns = {}
                 for key, examples in shard.items():
                     _check_storage_range(examples, names[key], dtype)

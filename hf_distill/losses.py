@@ -25,6 +25,11 @@ and the probability left outside them. `tail="rest"` (default) compares the (k+1
 `[p_1 .. p_k, p_rest]` and `[q_1 .. q_k, q_rest]` (q over the student's full vocabulary): a true divergence that
 equals the dense one when k covers the vocabulary. `tail="renormalise"` compares both distributions restricted to
 the k classes and renormalised (DistillKit's "zero" treats the teacher this way).
+
+A top-k target is biased: the student never learns the teacher's tail. A sampled target (`sampled_target`,
+Random-Sampling KD of Anshumann et al., ACL 2025) stores the classes of n draws from the teacher's distribution,
+each at its share of the draws, rest 0: its forward KL to the student, over the student's full vocabulary, has in
+expectation the gradient of the full distribution's. Both come in the same `(ids, log_probs, rest)` layout.
 """
 
 import math
@@ -36,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 TEACHER_ENSEMBLES = ("mean_probs", "mean_logits")
 TOPK_TAILS = ("rest", "renormalise")
+SPARSE_TARGETS = ("top_k", "sampled")
 
 
 def _weighted_mean(
@@ -333,6 +339,41 @@ def top_k_target(logits: torch.Tensor, top_k: int, temperature: float = 1.0):
         rest.append(_log_rest(scaled, block_log_probs, block_ids, log_normaliser).exp())
     leading = logits.shape[:-1]
     return torch.cat(ids).view(*leading, k), torch.cat(log_probs).view(*leading, k), torch.cat(rest).view(leading)
+
+
+def sampled_target(logits: torch.Tensor, num_samples: int, temperature: float = 1.0,
+                   generator: torch.Generator | None = None):
+    """A teacher's sampled target from its logits `(..., classes)`: `num_samples` draws per row from the distribution
+    at `temperature`, in `top_k_target`'s layout `(ids (..., n) long, log_probs (..., n) float32, rest (...))`.
+
+    Ids are distinct: the drawn classes first (most drawn first) at the log of their share of the draws, then the
+    most likely classes not drawn, at log 0 = -inf, to fill the n slots; rest is 0.
+    """
+    rows = logits.flatten(0, -2)
+    num_slots = min(num_samples, rows.shape[-1])
+    ids, log_probs = [], []
+    for block in rows.split(TOP_K_TARGET_ROWS):
+        probs = torch.softmax(block.float() if temperature == 1.0 else block.float() / temperature, dim=-1)
+        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
+        # Probabilities are < 1, so they order the classes of equal count (the undrawn ones) without reordering.
+        _, block_ids = (counts + probs).topk(num_slots, dim=-1)
+        ids.append(block_ids)
+        log_probs.append(torch.log(counts.gather(-1, block_ids) / num_samples))
+    leading = logits.shape[:-1]
+    rest = logits.new_zeros(leading, dtype=torch.float32)
+    return torch.cat(ids).view(*leading, num_slots), torch.cat(log_probs).view(*leading, num_slots), rest
+
+
+def sparse_target(logits: torch.Tensor, kind: str, size: int, temperature: float = 1.0,
+                  generator: torch.Generator | None = None):
+    """`top_k_target(logits, size, temperature)` or `sampled_target(logits, size, temperature, generator)`, by
+    `kind` (one of `SPARSE_TARGETS`)."""
+    if kind == "top_k":
+        return top_k_target(logits, size, temperature)
+    if kind == "sampled":
+        return sampled_target(logits, size, temperature, generator)
+    raise ValueError(f"Unknown sparse target {kind!r}: use one of {SPARSE_TARGETS}.")
 
 
 def chunked_per_row(function, *row_tensors: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:

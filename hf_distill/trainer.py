@@ -37,8 +37,8 @@ from .losses import (
     label_loss_per_row,
     mse_per_row,
     sparse_divergence_from_log_probs,
+    sparse_target,
     tempered_log_softmax,
-    top_k_target,
 )
 from .model_card import build_model_card
 from .teacher import (
@@ -434,7 +434,8 @@ class DistillationTrainer(Trainer):
                     check_teacher_logits_finite(view, self.teacher_models[name])
         teacher_views = self._combined_views(views_by_teacher)
         if args.online_top_k and not isinstance(teacher_views[0], TopKTarget):
-            teacher_views = [TopKTarget(*top_k_target(teacher_views[0], self._top_k, args.temperature))]
+            teacher_views = [TopKTarget(*sparse_target(teacher_views[0], args.sparse_target, self._top_k,
+                                                       args.temperature))]
 
         row_weight = units.row_weights(sample_weight)
         if head.cache_layout == TOPK:  # one view of vocabulary-sized logits: one student log-softmax for both terms
@@ -748,6 +749,8 @@ class DistillationTrainer(Trainer):
                 settings["teacher_outputs"]["teacher_autocast"] = "bfloat16"
         if self.head.cache_layout == TOPK and (cached or args.online_top_k):
             settings["teacher_outputs"].update(top_k=self._top_k, topk_tail=args.topk_tail)
+            if args.sparse_target != "top_k":
+                settings["teacher_outputs"]["sparse_target"] = args.sparse_target
         return settings
 
     def create_model_card(

@@ -95,6 +95,50 @@ def test_online_top_k_is_the_cached_top_k_loss(tmp_path):
     assert trainer.distillation_settings()["teacher_outputs"]["top_k"] == 5
 
 
+def test_sampled_cache_holds_the_draws_and_the_loss_is_their_kl_to_the_student(tmp_path):
+    dataset = toy_lm_dataset(6)
+    trainer = make_trainer(tmp_path, dataset, teacher_cache_top_k=8, teacher_cache_dtype="float32", alpha=1.0,
+                           sparse_target="sampled")
+    batch = batch_of(trainer, trainer.train_dataset)
+    ids, log_probs, rest = (batch[f"teacher_topk_{name}"] for name in ("ids", "log_probs", "rest"))
+    real = batch["attention_mask"].bool()
+    draws = log_probs[real].exp() * 8  # each class's share of the 8 draws of its token
+    np.testing.assert_allclose(draws, draws.round(), atol=1e-5)
+    assert (draws.round().sum(-1) == 8).all() and (rest[real] == 0).all()
+    assert all(len(set(token.tolist())) == 8 for token in ids[real])
+    trainer.model.eval()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    with torch.no_grad():
+        student_logits = trainer.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows, positions = np.nonzero(batch["labels"][:, 1:].numpy() != -100)
+    q = log_softmax(student_logits.double().numpy()[rows, positions] / 2.0, axis=-1)
+    p, token_ids = log_probs[rows, positions].double().numpy(), ids[rows, positions].numpy()
+    drawn = np.isfinite(p)
+    p = np.where(drawn, p, 0.0)
+    kd = np.where(drawn, np.exp(p) * (p - np.take_along_axis(q, token_ids, -1)), 0.0).sum(-1)
+    assert loss.item() == pytest.approx(kd.mean() * 4.0, rel=1e-4)
+    assert trainer.distillation_settings()["teacher_outputs"]["sparse_target"] == "sampled"
+    with pytest.raises(ValueError, match="built from other inputs:\n.*seed: cached 0, now 1"):
+        make_trainer(tmp_path, dataset, teacher_cache_top_k=8, teacher_cache_dtype="float32",
+                     sparse_target="sampled", seed=1)
+
+
+def test_online_sampled_target_draws_anew_each_step(tmp_path):
+    dataset = toy_lm_dataset(6, prompt_length=2)
+    trainer = make_trainer(tmp_path, dataset, use_teacher_cache=False, online_top_k=True, teacher_cache_top_k=4,
+                           sparse_target="sampled", alpha=1.0)
+    batch = batch_of(trainer, dataset)
+    trainer.model.eval()
+    losses = {trainer.compute_loss(trainer.model, dict(batch)).item() for _ in range(3)}
+    assert len(losses) == 3 and all(np.isfinite(list(losses)))
+
+
+@pytest.mark.parametrize("settings", [{"distillation_loss": "reverse_kl"}, {"topk_tail": "renormalise"}])
+def test_sampled_target_is_refused_with_a_loss_it_would_bias(tmp_path, settings):
+    with pytest.raises(ValueError, match="'sampled' estimates the forward KL.*Use distillation_loss='kl'"):
+        lm_args(tmp_path, sparse_target="sampled", **settings)
+
+
 def test_alpha_zero_is_the_models_own_causal_lm_loss(tmp_path):
     dataset = toy_lm_dataset(6, prompt_length=2)
     trainer = make_trainer(tmp_path, dataset, alpha=0.0, use_teacher_cache=False)
