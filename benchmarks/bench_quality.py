@@ -207,6 +207,10 @@ VARIANTS = {
         ),
         Variant("stsb-pairs-2stage", "stsb_minilm.yaml", {**STSB_PAIRS, "intermediate_epochs": 1},
                 reuses="stsb-noaug", baseline_of="stsb-pairs"),
+        # The teacher's first 3 layers instead of 0, 3, 5 (dropping the top layers: Sajjad et al. 2023); its own
+        # baseline.
+        Variant("stsb-pairs-first", "stsb_minilm.yaml", {**STSB_PAIRS, "student_layer_init": "first"},
+                reuses="stsb-noaug", reuse_baseline=False),
     )
 }
 
