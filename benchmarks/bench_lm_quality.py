@@ -4,9 +4,11 @@ built from 6 of its 30 layers, on WikiText-2 raw (train: the validation text, re
 One process loads the teacher and the blocks once, then runs, in order:
   - the teacher on the held-out blocks (perplexity, its top-1 next tokens);
   - the baseline: the student init trained on the LM loss alone, same blocks, same steps;
-  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm][:sampled][:online]` (e.g. `kl:T1:k64:a0.9`;
+  - each variant `<loss>:T<temperature>:k<top_k>:a<alpha>[:seq][:renorm][:<sparse target>][:online]`
+    (e.g. `kl:T1:k64:a0.9`;
     `renorm` renormalises the top-k target instead of keeping a rest bucket; `sampled` caches k draws from the
-    teacher instead of its top k (`sparse_target="sampled"`); `online` runs the teacher every step
+    teacher instead of its top k (`sparse_target="sampled"`), `top_k_and_sampled` its top k/2 and k/2 draws from
+    the rest; `online` runs the teacher every step
     on its full distribution, no cache, the reference for the top-k target; `seq` adds the
     teacher's continuations of the first --seq_prompts blocks, sequence-level KD, for the baseline's number of
     steps): a top-k cache at that k and T
@@ -34,6 +36,7 @@ from transformers import Trainer, default_data_collator, set_seed
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
 from hf_distill.cache import DATA_FILE, default_cache_path
 from hf_distill.heads import CausalLMHead
+from hf_distill.losses import SPARSE_TARGETS
 from hf_distill.models import load_causal_lm, load_lm_tokenizer
 from hf_distill.report import compare_throughput, count_parameters
 from hf_distill.student_init import init_student_from_teacher
@@ -47,7 +50,7 @@ def parse_variant(spec: str) -> dict:
     parts = spec.split(":")
     values = {"distillation_loss": parts[0], "seq": "seq" in parts[1:], "online": "online" in parts[1:],
               "topk_tail": "renormalise" if "renorm" in parts[1:] else "rest",
-              "sparse_target": "sampled" if "sampled" in parts[1:] else "top_k"}
+              "sparse_target": next((part for part in parts[1:] if part in SPARSE_TARGETS[1:]), "top_k")}
     for part in parts[1:]:
         if part.startswith("T"):
             values["temperature"] = float(part[1:])
@@ -146,7 +149,7 @@ def main():
         cache_start = time.perf_counter()
         # One cache folder per (target, k, T): a cache records them, and one built at another T is refused.
         cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}"
-                                 + ("-sampled" if variant["sparse_target"] == "sampled" else ""))
+                                 + ("" if variant["sparse_target"] == "top_k" else f"-{variant['sparse_target']}"))
         if variant["online"]:  # the teacher's full distribution, every step
             variant_args = dataclasses.replace(variant_args, use_teacher_cache=False)
             cached, cache_file = data, None
@@ -217,7 +220,8 @@ def markdown(results: dict) -> str:
         loss += " + seq-KD" if row["seq"] else ""
         loss += ", teacher online" if row.get("online") else ""
         top_k = "full" if row.get("online") else row["top_k"]
-        top_k = f"{top_k} draws" if row.get("sparse_target") == "sampled" and not row.get("online") else top_k
+        if row.get("sparse_target", "top_k") != "top_k" and not row.get("online"):
+            top_k = f"{top_k} {row['sparse_target']}"
         lines.append(
             f"| student `{spec}` | {loss} | {row['temperature']:g} | {top_k} | {row['alpha']:g} | "
             f"{row['perplexity']:.2f} | {row.get('perplexity_vs_baseline', float('nan')):.3f} | "

@@ -122,9 +122,10 @@ class DistillationTrainingArguments(TrainingArguments):
             Which `teacher_cache_top_k` classes per token a vocabulary-sized target keeps (cached, or online with
             `online_top_k`): `"top_k"`, the most likely ones and the probability of the rest; `"sampled"`, the
             classes of that many draws from the teacher's distribution, each at its share of the draws (Random-
-            Sampling KD, Anshumann et al. 2025): unbiased where top-k never shows the student the teacher's tail.
-            Forward KL (`distillation_loss` `"kl"` or `"auto"`) with `topk_tail="rest"` only. Cached draws are
-            seeded by `seed`; online ones are fresh every step.
+            Sampling KD, Anshumann et al. 2025): unbiased where top-k never shows the student the teacher's tail;
+            `"top_k_and_sampled"`, the k/2 most likely exactly and k/2 draws from the rest (unbiased, less
+            variance). Forward KL (`distillation_loss` `"kl"` or `"auto"`) with `topk_tail="rest"` only. Cached
+            draws are seeded by `seed`; online ones are fresh every step.
         topk_tail (`str`, defaults to `"rest"`):
             How a top-k target treats the probability outside the k classes: `"rest"` compares (k+1)-bucket
             distributions (exact when k covers the vocabulary), `"renormalise"` compares both distributions
@@ -236,7 +237,8 @@ class DistillationTrainingArguments(TrainingArguments):
     )
     sparse_target: str = field(
         default="top_k",
-        metadata={"help": "Classes a vocabulary-sized target keeps: the 'top_k' most likely, or 'sampled' draws.",
+        metadata={"help": "Classes a vocabulary-sized target keeps: the 'top_k' most likely, 'sampled' draws, or "
+                          "'top_k_and_sampled' (half each).",
                   "choices": list(SPARSE_TARGETS)},
     )
     topk_tail: str = field(
@@ -277,9 +279,9 @@ class DistillationTrainingArguments(TrainingArguments):
         _check(self.topk_tail in TOPK_TAILS, "topk_tail", self.topk_tail, f"one of {TOPK_TAILS}")
         _check(self.sparse_target in SPARSE_TARGETS, "sparse_target", self.sparse_target, f"one of {SPARSE_TARGETS}")
         forward_kl_with_rest = self.distillation_loss in ("auto", "kl") and self.topk_tail == "rest"
-        if self.sparse_target == "sampled" and not forward_kl_with_rest:
+        if self.sparse_target != "top_k" and not forward_kl_with_rest:
             raise ValueError(
-                f"sparse_target='sampled' estimates the forward KL over the student's whole vocabulary; "
+                f"sparse_target={self.sparse_target!r} estimates the forward KL over the student's whole vocabulary; "
                 f"distillation_loss={self.distillation_loss!r} with topk_tail={self.topk_tail!r} would compare the "
                 "student with a distribution that is 0 outside the draws. Use distillation_loss='kl' and "
                 "topk_tail='rest', or sparse_target='top_k'."

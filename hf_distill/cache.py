@@ -269,7 +269,7 @@ def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, s
                  pad_token_id, bf16=False, sparse_target="top_k", seed=0):
     """Yield `(first_index, {field: [per-example arrays]})` shard by shard, in dataset order; with `bf16`, the
     teacher runs under bfloat16 autocast. Sampled targets draw from a generator seeded with `seed`."""
-    generator = torch.Generator(device=device).manual_seed(seed) if sparse_target == "sampled" else None
+    generator = torch.Generator(device=device).manual_seed(seed) if sparse_target != "top_k" else None
     lengths = _lengths(dataset, head.length_column)
     input_columns = [name for name in (*head.input_names, head.length_column) if name in dataset.column_names]
     rows = dataset.select_columns(list(dict.fromkeys(input_columns))).with_format(None)

@@ -29,7 +29,8 @@ the k classes and renormalised (DistillKit's "zero" treats the teacher this way)
 A top-k target is biased: the student never learns the teacher's tail. A sampled target (`sampled_target`,
 Random-Sampling KD of Anshumann et al., ACL 2025) stores the classes of n draws from the teacher's distribution,
 each at its share of the draws, rest 0: its forward KL to the student, over the student's full vocabulary, has in
-expectation the gradient of the full distribution's. Both come in the same `(ids, log_probs, rest)` layout.
+expectation the gradient of the full distribution's. Keeping the most likely classes exact and drawing only from
+the rest is unbiased too, with less variance. All come in the same `(ids, log_probs, rest)` layout.
 """
 
 import math
@@ -41,7 +42,7 @@ from torch.utils.checkpoint import checkpoint
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 TEACHER_ENSEMBLES = ("mean_probs", "mean_logits")
 TOPK_TAILS = ("rest", "renormalise")
-SPARSE_TARGETS = ("top_k", "sampled")
+SPARSE_TARGETS = ("top_k", "sampled", "top_k_and_sampled")
 
 
 def _weighted_mean(
@@ -342,24 +343,32 @@ def top_k_target(logits: torch.Tensor, top_k: int, temperature: float = 1.0):
 
 
 def sampled_target(logits: torch.Tensor, num_samples: int, temperature: float = 1.0,
-                   generator: torch.Generator | None = None):
-    """A teacher's sampled target from its logits `(..., classes)`: `num_samples` draws per row from the distribution
-    at `temperature`, in `top_k_target`'s layout `(ids (..., n) long, log_probs (..., n) float32, rest (...))`.
+                   generator: torch.Generator | None = None, exact_top: int = 0):
+    """A teacher's sampled target from its logits `(..., classes)`, in `top_k_target`'s layout `(ids (..., n) long,
+    log_probs (..., n) float32, rest (...))`, rest 0: the distribution at `temperature` estimated from draws.
 
-    Ids are distinct: the drawn classes first (most drawn first) at the log of their share of the draws, then the
-    most likely classes not drawn, at log 0 = -inf, to fill the n slots; rest is 0.
+    The `exact_top` most likely classes keep their probabilities; `num_samples - exact_top` draws from the rest of
+    the distribution give each drawn class its share of the draws times the rest's mass. Slots are distinct classes:
+    the exact ones, the drawn ones (most drawn first), then the most likely classes not drawn at log 0 = -inf.
     """
     rows = logits.flatten(0, -2)
+    num_draws = num_samples - exact_top
     num_slots = min(num_samples, rows.shape[-1])
     ids, log_probs = [], []
     for block in rows.split(TOP_K_TARGET_ROWS):
         probs = torch.softmax(block.float() if temperature == 1.0 else block.float() / temperature, dim=-1)
-        draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        exact_probs, exact_ids = probs.topk(exact_top, dim=-1)
+        tail = probs.scatter(-1, exact_ids, 0.0)
+        tail_mass = tail.sum(-1, keepdim=True)
+        # A row whose mass the exact classes hold entirely draws (weight 0) from the other classes alike.
+        weights = torch.where(tail_mass > 0, tail, torch.ones_like(tail).scatter(-1, exact_ids, 0.0))
+        draws = torch.multinomial(weights, num_draws, replacement=True, generator=generator)
         counts = torch.zeros_like(probs).scatter_add_(-1, draws, torch.ones_like(draws, dtype=probs.dtype))
         # Probabilities are < 1, so they order the classes of equal count (the undrawn ones) without reordering.
-        _, block_ids = (counts + probs).topk(num_slots, dim=-1)
-        ids.append(block_ids)
-        log_probs.append(torch.log(counts.gather(-1, block_ids) / num_samples))
+        _, tail_ids = (counts + tail).scatter(-1, exact_ids, -torch.inf).topk(num_slots - exact_top, dim=-1)
+        ids.append(torch.cat([exact_ids, tail_ids], dim=-1))
+        tail_probs = counts.gather(-1, tail_ids) * (tail_mass / num_draws)
+        log_probs.append(torch.log(torch.cat([exact_probs, tail_probs], dim=-1)))
     leading = logits.shape[:-1]
     rest = logits.new_zeros(leading, dtype=torch.float32)
     return torch.cat(ids).view(*leading, num_slots), torch.cat(log_probs).view(*leading, num_slots), rest
@@ -367,12 +376,13 @@ def sampled_target(logits: torch.Tensor, num_samples: int, temperature: float = 
 
 def sparse_target(logits: torch.Tensor, kind: str, size: int, temperature: float = 1.0,
                   generator: torch.Generator | None = None):
-    """`top_k_target(logits, size, temperature)` or `sampled_target(logits, size, temperature, generator)`, by
-    `kind` (one of `SPARSE_TARGETS`)."""
+    """A target of `size` classes per row, by `kind` (one of `SPARSE_TARGETS`): `top_k_target`, `sampled_target`
+    (`"sampled"`: `size` draws), or `sampled_target` with the `size // 2` most likely classes exact
+    (`"top_k_and_sampled"`)."""
     if kind == "top_k":
         return top_k_target(logits, size, temperature)
-    if kind == "sampled":
-        return sampled_target(logits, size, temperature, generator)
+    if kind in ("sampled", "top_k_and_sampled"):
+        return sampled_target(logits, size, temperature, generator, exact_top=size // 2 if kind != "sampled" else 0)
     raise ValueError(f"Unknown sparse target {kind!r}: use one of {SPARSE_TARGETS}.")
 
 

@@ -133,10 +133,13 @@ def test_online_sampled_target_draws_anew_each_step(tmp_path):
     assert len(losses) == 3 and all(np.isfinite(list(losses)))
 
 
-@pytest.mark.parametrize("settings", [{"distillation_loss": "reverse_kl"}, {"topk_tail": "renormalise"}])
+@pytest.mark.parametrize("settings", [
+    {"distillation_loss": "reverse_kl", "sparse_target": "sampled"},
+    {"topk_tail": "renormalise", "sparse_target": "top_k_and_sampled"},
+])
 def test_sampled_target_is_refused_with_a_loss_it_would_bias(tmp_path, settings):
-    with pytest.raises(ValueError, match="'sampled' estimates the forward KL.*Use distillation_loss='kl'"):
-        lm_args(tmp_path, sparse_target="sampled", **settings)
+    with pytest.raises(ValueError, match="sampled' estimates the forward KL.*Use distillation_loss='kl'"):
+        lm_args(tmp_path, **settings)
 
 
 def test_alpha_zero_is_the_models_own_causal_lm_loss(tmp_path):

@@ -230,19 +230,23 @@ def test_top_k_target_matches_numpy_across_row_blocks(temperature):
     assert expected_rest[5] < 1e-8  # so the allclose above checked the exact path, not log1p of a rounded mass
 
 
-def test_sampled_target_shares_follow_the_softened_teacher():
+@pytest.mark.parametrize("exact_top", [0, 2])
+def test_sampled_target_shares_follow_the_softened_teacher(exact_top):
     from hf_distill.losses import sampled_target
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -8.0, -9.0]])
-    ids, log_probs, rest = sampled_target(logits, 20000, temperature=2.0, generator=generator)
+    expected = np.exp(log_softmax(logits[0].numpy() / 2.0))
+    ids, log_probs, rest = sampled_target(logits, 20000, temperature=2.0, generator=generator, exact_top=exact_top)
     shares = np.zeros(6)
     shares[ids[0].numpy()] = log_probs[0].exp().numpy()
-    np.testing.assert_allclose(shares, np.exp(log_softmax(logits[0].numpy() / 2.0)), atol=0.01)
+    np.testing.assert_allclose(shares, expected, atol=0.01)
     assert sorted(ids[0].tolist()) == list(range(6)) and rest.tolist() == [0.0]  # distinct ids, no tail
+    np.testing.assert_allclose(shares[:exact_top], expected[:exact_top], rtol=1e-6)  # the exact classes
 
 
-def test_sampled_target_gives_the_full_kl_gradient_in_expectation_and_top_k_does_not():
+@pytest.mark.parametrize("exact_top", [0, 8])  # pure draws; the top 8 exact and 8 draws from the rest
+def test_sampled_target_gives_the_full_kl_gradient_in_expectation_and_top_k_does_not(exact_top):
     from hf_distill.losses import divergence_per_row, sampled_target, sparse_divergence_per_row, top_k_target
 
     generator = torch.Generator().manual_seed(0)
@@ -255,7 +259,8 @@ def test_sampled_target_gives_the_full_kl_gradient_in_expectation_and_top_k_does
     full = gradient(divergence_per_row(student, teacher, "kl", 2.0))
     rounds = 400  # 6,400 draws per row: the mean gradient's standard error is ~0.01 per class
     sampled = sum(
-        gradient(sparse_divergence_per_row(student, *sampled_target(teacher, 16, 2.0, generator), "kl", "rest", 2.0))
+        gradient(sparse_divergence_per_row(student, *sampled_target(teacher, 16, 2.0, generator, exact_top), "kl",
+                                           "rest", 2.0))
         for _ in range(rounds)
     ) / rounds
     top_k = gradient(sparse_divergence_per_row(student, *top_k_target(teacher, 16, 2.0), "kl", "rest", 2.0))
