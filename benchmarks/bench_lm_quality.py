@@ -147,9 +147,11 @@ def main():
             variant_args = dataclasses.replace(
                 variant_args, max_steps=math.ceil(len(train) / args.batch_size * args.epochs))
         cache_start = time.perf_counter()
-        # One cache folder per (target, k, T): a cache records them, and one built at another T is refused.
+        # One cache folder per (target, k, T, draws' seed): a cache records them, and one built otherwise is refused.
+        # Sampled targets draw with the training seed, so the seeds' spread includes that of the draws.
+        sampled = variant["sparse_target"] != "top_k"
         cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}"
-                                 + ("" if variant["sparse_target"] == "top_k" else f"-{variant['sparse_target']}"))
+                                 + (f"-{variant['sparse_target']}-seed{args.seed}" if sampled else ""))
         if variant["online"]:  # the teacher's full distribution, every step
             variant_args = dataclasses.replace(variant_args, use_teacher_cache=False)
             cached, cache_file = data, None
@@ -157,7 +159,7 @@ def main():
             cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=cache_dir, batch_size=8,
                                           head=CausalLMHead(), top_k=variant["top_k"],
                                           temperature=variant["temperature"], sparse_target=variant["sparse_target"],
-                                          seed=variant_args.seed)
+                                          seed=args.seed)
             cache_file = os.path.join(default_cache_path(data, "teacher_logits", cache_dir), DATA_FILE)
         cache_seconds = time.perf_counter() - cache_start
         tokens = len(data) * args.block_size

@@ -125,7 +125,8 @@ class DistillationTrainingArguments(TrainingArguments):
             Sampling KD, Anshumann et al. 2025): unbiased where top-k never shows the student the teacher's tail;
             `"top_k_and_sampled"`, the k/2 most likely exactly and k/2 draws from the rest (unbiased, less
             variance). Forward KL (`distillation_loss` `"kl"` or `"auto"`) with `topk_tail="rest"` only. Cached
-            draws are seeded by `seed`; online ones are fresh every step.
+            draws are the same whatever `seed` (one cache serves every training seed); online ones are fresh
+            every step.
         topk_tail (`str`, defaults to `"rest"`):
             How a top-k target treats the probability outside the k classes: `"rest"` compares (k+1)-bucket
             distributions (exact when k covers the vocabulary), `"renormalise"` compares both distributions
@@ -336,7 +337,7 @@ class DistillationTrainingArguments(TrainingArguments):
             cache_dir=self.teacher_cache_dir, dtype=self.teacher_cache_dtype, batch_size=self.teacher_cache_batch_size,
             max_batch_tokens=self.teacher_cache_max_tokens, overwrite=self.overwrite_teacher_cache,
             show_progress=not self.disable_tqdm, top_k=self.teacher_cache_top_k, temperature=self.temperature,
-            bf16=self.teacher_cache_bf16, sparse_target=self.sparse_target, seed=self.seed,
+            bf16=self.teacher_cache_bf16, sparse_target=self.sparse_target,
         )
 
     @property

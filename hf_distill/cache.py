@@ -398,7 +398,9 @@ def cache_teacher_logits(
         bf16: run the teacher under bfloat16 autocast: about 2x faster on CPUs with AVX512-BF16 or AMX, at logits
             further from float32 than float16 storage (benchmarks/README.md); part of the fingerprint.
         sparse_target: top-k layouts keep the `"top_k"` most likely classes, or the classes of `top_k` `"sampled"`
-            draws (`hf_distill.losses.sampled_target`), drawn with `seed`.
+            draws, or the `top_k // 2` most likely and as many draws from the rest (`"top_k_and_sampled"`):
+            `hf_distill.losses.sparse_target`.
+        seed: the seed of those draws; part of the fingerprint.
 
     Under several processes the main process builds the cache and the others wait and load it.
     """

@@ -118,9 +118,13 @@ def test_sampled_cache_holds_the_draws_and_the_loss_is_their_kl_to_the_student(t
     kd = np.where(drawn, np.exp(p) * (p - np.take_along_axis(q, token_ids, -1)), 0.0).sum(-1)
     assert loss.item() == pytest.approx(kd.mean() * 4.0, rel=1e-4)
     assert trainer.distillation_settings()["teacher_outputs"]["sparse_target"] == "sampled"
+    # Another training seed reuses the draws; other draws are another cache, refused here.
+    reseeded = make_trainer(tmp_path, dataset, teacher_cache_top_k=8, teacher_cache_dtype="float32",
+                            sparse_target="sampled", seed=1)
+    assert reseeded.train_dataset["teacher_topk_ids"] == trainer.train_dataset["teacher_topk_ids"]
     with pytest.raises(ValueError, match="built from other inputs:\n.*seed: cached 0, now 1"):
-        make_trainer(tmp_path, dataset, teacher_cache_top_k=8, teacher_cache_dtype="float32",
-                     sparse_target="sampled", seed=1)
+        cache_teacher_logits(trainer.teacher_model, dataset, cache_dir=str(tmp_path / "cache"), top_k=8,
+                             dtype="float32", temperature=2.0, sparse_target="sampled", seed=1)
 
 
 def test_online_sampled_target_draws_anew_each_step(tmp_path):
