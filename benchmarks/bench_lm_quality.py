@@ -34,7 +34,7 @@ import datasets
 from transformers import Trainer, default_data_collator, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
-from hf_distill.cache import DATA_FILE, default_cache_path
+from hf_distill.cache import DATA_FILE, default_cache_path, weights_digest
 from hf_distill.heads import CausalLMHead
 from hf_distill.losses import SPARSE_TARGETS
 from hf_distill.models import load_causal_lm, load_lm_tokenizer
@@ -160,7 +160,8 @@ def main():
                                           head=CausalLMHead(), top_k=variant["top_k"],
                                           temperature=variant["temperature"], sparse_target=variant["sparse_target"],
                                           seed=args.seed)
-            cache_file = os.path.join(default_cache_path(data, "teacher_logits", cache_dir), DATA_FILE)
+            cache_path = default_cache_path(data, "teacher_logits", weights_digest(teacher), cache_dir)
+            cache_file = os.path.join(cache_path, DATA_FILE)
         cache_seconds = time.perf_counter() - cache_start
         tokens = len(data) * args.block_size
         trainer = DistillationTrainer(model=student(), teacher_model=teacher, args=variant_args, train_dataset=cached,

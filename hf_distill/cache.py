@@ -2,8 +2,9 @@
 
 A cache is a folder holding the teacher's outputs as an Arrow file plus `hf_distill_cache.json`, the record of
 what produced them (teacher config and weights digest, tokenizer digest, head, layout, k, temperature, max length,
-dtype, the dataset's fingerprint). The folder name depends on the dataset and the column only, so a cache built
-by another teacher or tokenizer is found and refused with a message that says what differs, rather than silently
+dtype, the dataset's fingerprint). The folder name depends on the dataset, the column and the teacher's weights: a
+retrained teacher gets a cache of its own, and a cache of the same teacher on the same data built otherwise (other
+tokenizer, dtype, k, temperature) is found and refused with a message that says what differs, rather than silently
 used or silently rebuilt.
 
 Three layouts, chosen by the model's head (`hf_distill.heads`):
@@ -117,13 +118,13 @@ def _lengths(dataset: Dataset, column: str | None) -> np.ndarray | None:
     return pc.list_value_length(values).to_numpy(zero_copy_only=False)
 
 
-def _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes) -> dict:
+def _cache_record(teacher, teacher_digest, dataset, tokenizer, dtype, head, top_k, temperature, num_classes) -> dict:
     lengths = _lengths(dataset, head.length_column)
     record = {
         "format_version": CACHE_FORMAT_VERSION,
         "teacher_name_or_path": getattr(teacher.config, "_name_or_path", None),
         "teacher_config_digest": _sha256([teacher.config.to_json_string(use_diff=False).encode()]),
-        "teacher_weights_digest": weights_digest(teacher),
+        "teacher_weights_digest": teacher_digest,
         "tokenizer_digest": tokenizer_digest(tokenizer),
         "head": head.cache_name or head.name,
         "layout": head.cache_layout,
@@ -138,14 +139,15 @@ def _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, 
     return record
 
 
-def default_cache_path(dataset: Dataset, column: str, cache_dir: str | None = None) -> str:
-    """Where the cache of `dataset` lives: beside its Arrow files when it has some, else under the datasets cache."""
+def default_cache_path(dataset: Dataset, column: str, teacher_digest: str, cache_dir: str | None = None) -> str:
+    """Where the cache of the teacher with `weights_digest` `teacher_digest` on `dataset` lives: beside the
+    dataset's Arrow files when it has some, else under the datasets cache."""
     if cache_dir is None:
         if dataset.cache_files:
             cache_dir = os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), "hf_distill")
         else:
             cache_dir = os.path.join(HF_DATASETS_CACHE, "hf_distill")
-    return os.path.join(cache_dir, f"{column}-{dataset._fingerprint}-v{CACHE_FORMAT_VERSION}")
+    return os.path.join(cache_dir, f"{column}-{dataset._fingerprint}-{teacher_digest[:16]}-v{CACHE_FORMAT_VERSION}")
 
 
 def check_teacher_logits(logits_dataset: Dataset, column: str, num_labels: int) -> None:
@@ -447,8 +449,9 @@ def cache_teacher_logits(
     top_k = min(top_k, num_classes)
     if head.cache_layout == TOPK and max_batch_tokens is None:
         max_batch_tokens = max(1, TOPK_LOGITS_BYTES_PER_FORWARD // (4 * num_classes))
-    path = default_cache_path(dataset, column, cache_dir)
-    record = _cache_record(teacher, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
+    teacher_digest = weights_digest(teacher)
+    path = default_cache_path(dataset, column, teacher_digest, cache_dir)
+    record = _cache_record(teacher, teacher_digest, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
     if bf16:  # absent otherwise: caches built before the option keep their fingerprint
         record["teacher_autocast"] = "bfloat16"
     if head.cache_layout == TOPK and sparse_target != "top_k":  # likewise

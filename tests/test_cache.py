@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_bert, toy_dataset
 
 from hf_distill import cache_teacher_logits
-from hf_distill.cache import MAX_PADDING_FRACTION, METADATA_FILE, default_cache_path
+from hf_distill.cache import MAX_PADDING_FRACTION, METADATA_FILE, default_cache_path, weights_digest
 
 
 def reference_logits(teacher, dataset):
@@ -89,16 +89,27 @@ def test_matching_cache_is_reused_without_running_the_teacher(teacher, cache_dir
     assert second["teacher_logits"] == first["teacher_logits"]
 
 
-def test_stale_cache_is_refused_with_the_differences(cache_dir):
+def test_another_teacher_gets_a_cache_of_its_own(cache_dir):
+    """A retrained teacher (a recipe run at another seed) builds its own cache; the first one stays valid."""
     dataset = toy_dataset(16)
-    cache_teacher_logits(tiny_bert(48, 4, seed=1), dataset, cache_dir=cache_dir)
-    other_teacher = tiny_bert(48, 4, seed=7)
-    with pytest.raises(ValueError, match=r"(?s)teacher_weights_digest: cached .*Delete that folder.*overwrite"):
-        cache_teacher_logits(other_teacher, dataset, cache_dir=cache_dir)
-    with pytest.raises(ValueError, match=r"dtype: cached 'float16', now 'float32'"):
-        cache_teacher_logits(tiny_bert(48, 4, seed=1), dataset, cache_dir=cache_dir, dtype="float32")
-    rebuilt = cache_teacher_logits(other_teacher, dataset, cache_dir=cache_dir, dtype="float32", overwrite=True)
-    np.testing.assert_allclose(np.array(rebuilt["teacher_logits"]), reference_logits(other_teacher, dataset), atol=1e-5)
+    teacher, other_teacher = tiny_bert(48, 4, seed=1), tiny_bert(48, 4, seed=7)
+    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    other = cache_teacher_logits(other_teacher, dataset, cache_dir=cache_dir, dtype="float32")
+    np.testing.assert_allclose(np.array(other["teacher_logits"]), reference_logits(other_teacher, dataset), atol=1e-5)
+    counter = CountingForward(teacher)
+    first = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    assert counter.calls == 0
+    np.testing.assert_allclose(np.array(first["teacher_logits"]), reference_logits(teacher, dataset), atol=2e-3)
+    assert len([name for name in os.listdir(cache_dir) if not name.endswith(".lock")]) == 2
+
+
+def test_stale_cache_is_refused_with_the_differences(teacher, cache_dir):
+    dataset = toy_dataset(16)
+    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"(?s)dtype: cached 'float16', now 'float32'.*Delete that folder.*overwrite"):
+        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
+    rebuilt = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32", overwrite=True)
+    np.testing.assert_allclose(np.array(rebuilt["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
 
 
 def test_stale_tokenizer_is_refused(teacher, cache_dir, tokenizer, tmp_path):
@@ -122,7 +133,7 @@ def test_interrupted_build_leaves_nothing_that_reads_as_valid(teacher, cache_dir
     teacher.forward = fail_on_third_batch
     with pytest.raises(KeyboardInterrupt):
         cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, batch_size=8)
-    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", cache_dir))
+    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir))
     assert not os.path.exists(cache_dir) or [name for name in os.listdir(cache_dir) if not name.endswith(".lock")] == []
 
     teacher.forward = counter.forward
@@ -145,7 +156,8 @@ def test_interrupted_write_is_cleaned_up(teacher, cache_dir, monkeypatch):
 def test_record_names_what_produced_the_cache(teacher, cache_dir, tokenizer):
     dataset = toy_dataset(8, max_length=10)
     cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
-    with open(os.path.join(default_cache_path(dataset, "teacher_logits", cache_dir), METADATA_FILE)) as file:
+    path = default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir)
+    with open(os.path.join(path, METADATA_FILE)) as file:
         record = json.load(file)
     assert record["dataset_fingerprint"] == dataset._fingerprint
     assert record["max_length"] == max(len(ids) for ids in dataset["input_ids"])
@@ -171,7 +183,7 @@ def test_overflowing_logits_are_refused(teacher, cache_dir):
     dataset = toy_dataset(4)
     with pytest.raises(ValueError, match="exceed float16's range.*teacher_cache_dtype='float32'"):
         cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
-    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", cache_dir))
+    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir))
     cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
     assert np.isfinite(np.array(cached["teacher_logits"])).all()
 
