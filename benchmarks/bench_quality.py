@@ -207,10 +207,18 @@ VARIANTS = {
         ),
         Variant("stsb-pairs-2stage", "stsb_minilm.yaml", {**STSB_PAIRS, "intermediate_epochs": 1},
                 reuses="stsb-noaug", baseline_of="stsb-pairs"),
-        # The teacher's first 3 layers instead of 0, 3, 5 (dropping the top layers: Sajjad et al. 2023); its own
-        # baseline.
+        # Students of the teacher's first 3 layers instead of 0, 3, 5 (dropping the top layers: Sajjad et al.
+        # 2023), each with its own baseline of that init.
         Variant("stsb-pairs-first", "stsb_minilm.yaml", {**STSB_PAIRS, "student_layer_init": "first"},
                 reuses="stsb-noaug", reuse_baseline=False),
+        Variant("stsb-first", "stsb_minilm.yaml", {**NO_TRANSFER, "num_train_epochs": 3, "student_layer_init": "first"},
+                reuses="stsb-noaug", reuse_baseline=False),
+        Variant("cola-first", "cola_minilm.yaml", {"student_layer_init": "first"}, reuses="cola-noaug",
+                reuse_baseline=False),
+        # Their own teacher: the same seed and settings as <task>-noaug's, so the same teacher.
+        *(Variant(f"{task}-first", f"{task}_minilm.yaml", {**NO_TRANSFER, "student_layer_init": "first"})
+          for task in ("mrpc", "rte")),
+        Variant("sst2-first", "sst2_minilm.yaml", {"student_layer_init": "first"}),
     )
 }
 
