@@ -213,6 +213,9 @@ VARIANTS = {
                 reuses="stsb-noaug", reuse_baseline=False),
         Variant("stsb-first", "stsb_minilm.yaml", {**NO_TRANSFER, "num_train_epochs": 3, "student_layer_init": "first"},
                 reuses="stsb-noaug", reuse_baseline=False),
+        Variant("stsb-first-a0.1", "stsb_minilm.yaml",
+                {**NO_TRANSFER, "num_train_epochs": 3, "student_layer_init": "first", "alpha": 0.1},
+                reuses="stsb-noaug", baseline_of="stsb-first"),
         Variant("cola-first", "cola_minilm.yaml", {"student_layer_init": "first"}, reuses="cola-noaug",
                 reuse_baseline=False),
         # Their own teacher: the same seed and settings as <task>-noaug's, so the same teacher.
