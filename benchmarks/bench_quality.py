@@ -64,8 +64,9 @@ variant with `--reuse_run VARIANT=DIR` (default: the README's main command, `out
 sst2-transfer), once its recorded settings match.
 
 Targets: SST-2 default student >= 99% of the teacher, >= +1.0 point over the baseline, >= 1.9x faster on CPU;
-average retention over the five tasks >= 97%, each at its shipped config: sst2-transfer, cola-first, mrpc-noaug,
-rte-noaug, stsb-first (cola-first and stsb-first: the shipped configs since 2026-12-02).
+CoLA retention >= 85%, STS-B >= 90%; average retention over the five tasks >= 93%, each at its shipped config:
+sst2-transfer, cola-first, mrpc-noaug, rte-noaug, stsb-first (cola-first and stsb-first: the shipped configs since
+2026-12-02).
 
 Run from the repository root (about 4 hours of one core, `--threads 1`, when nothing is reused; two
 processes with disjoint `--only` lists and `--threads 1` share one --output_dir safely):
@@ -116,7 +117,9 @@ BENCH_SETTINGS = {
 }
 # The variant of each task whose settings are its shipped config's: the five-task average is over these.
 TASK_VARIANTS = ("sst2-transfer", "cola-first", "mrpc-noaug", "rte-noaug", "stsb-first")
-TARGETS = {"retention": 0.99, "gain_points": 1.0, "speedup": 1.9, "average_retention": 0.97}
+TARGETS = {"retention": 0.99, "gain_points": 1.0, "speedup": 1.9, "average_retention": 0.93}
+# Retention targets of single tasks at their shipped configs.
+TASK_RETENTION_TARGETS = {"cola-first": 0.85, "stsb-first": 0.90}
 BASE_SEED = 42  # every config's seed: each variant's own run
 
 
@@ -567,6 +570,9 @@ def build_summary(run_rows: list[dict]) -> dict:
             checks["sst2_speedup_remeasured"] = (default["speedup_remeasured"], ">=", TARGETS["speedup"])
     if average is not None:
         checks["average_retention"] = (average, ">=", TARGETS["average_retention"])
+    for name, target in TASK_RETENTION_TARGETS.items():
+        if name in by_name:
+            checks[f"{name}_retention"] = (by_name[name]["retention"], ">=", target)
     return {
         "rows": rows,
         "runs": run_rows,
