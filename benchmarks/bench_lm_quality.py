@@ -131,6 +131,7 @@ def main():
 
     results.setdefault("variants", {})
     last_student = None
+    teacher_digest = weights_digest(teacher)  # names every variant's cache folder: hash the weights once
     for spec in args.variants:
         variant = parse_variant(spec)
         variant_args = dataclasses.replace(
@@ -160,7 +161,7 @@ def main():
                                           head=CausalLMHead(), top_k=variant["top_k"],
                                           temperature=variant["temperature"], sparse_target=variant["sparse_target"],
                                           seed=args.seed)
-            cache_path = default_cache_path(data, "teacher_logits", weights_digest(teacher), cache_dir)
+            cache_path = default_cache_path(data, "teacher_logits", teacher_digest, cache_dir)
             cache_file = os.path.join(cache_path, DATA_FILE)
         cache_seconds = time.perf_counter() - cache_start
         tokens = len(data) * args.block_size
