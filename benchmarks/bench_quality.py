@@ -50,6 +50,9 @@ Variants (`--only` takes these names):
                         its own baseline of that init: stsb-first (no transfer, alpha 0.5, 3 epochs),
                         stsb-first-a0.1 (alpha 0.1: the shipped STS-B config), stsb-pairs-first, cola-first (the shipped
                         config), mrpc-first, rte-first (as <task>-noaug), sst2-first (the shipped config).
+  <task>-4layers        The shipped config of sst2, cola, mrpc, rte or stsb with a 4-layer student (the same layer
+                        choice rule), loading that task's teacher; no baseline: the row shows what one more layer
+                        buys in quality and costs in speed.
 
 Seeds: `--seeds 42 43 44` adds, for every selected variant, a run `<variant>-seed<s>` per other seed that loads the
 seed-42 run's teacher (so a variant's seeds differ in the student's and baseline's training only) and shares the
@@ -234,6 +237,11 @@ VARIANTS = {
         *(Variant(f"{task}-first", f"{task}_minilm.yaml", {**NO_TRANSFER, "student_layer_init": "first"})
           for task in ("mrpc", "rte")),
         Variant("sst2-first", "sst2_minilm.yaml", {"student_layer_init": "first"}),
+        # The speed/quality trade-off of one more layer: each shipped config with a 4-layer student, no baseline.
+        *(Variant(f"{task}-4layers", f"{task}_minilm.yaml", {"student_num_layers": 4, "baseline": False},
+                  reuses=teacher_of, reuse_baseline=False)
+          for task, teacher_of in (("sst2", DEFAULT_VARIANT), ("cola", "cola-noaug"), ("mrpc", "mrpc-noaug"),
+                                   ("rte", "rte-noaug"), ("stsb", "stsb-noaug"))),
     )
 }
 
@@ -381,7 +389,7 @@ def resolve_config(variant: Variant, dirs: dict[str, str], extra_settings: dict)
     if variant.reuses:
         config["teacher_model_name_or_path"] = os.path.join(dirs[variant.reuses], "teacher")
         config["finetune_teacher"] = "no"
-        config["baseline"] = variant.baseline_from is None
+        config["baseline"] = variant.baseline_from is None and config.get("baseline", True)
     return config
 
 
@@ -457,9 +465,12 @@ def summary_row(variant: Variant, config: dict, dirs: dict[str, str], output_dir
     """One table row: the variant's metrics, with the baseline taken from the run it reuses when it has none."""
     metric, rows = _report_rows(dirs[variant.name])
     baseline_from = variant.name if "baseline" in rows else variant.baseline_from
-    baseline_rows = rows if baseline_from == variant.name else _report_rows(dirs[baseline_from])[1]
+    if baseline_from is None:  # a variant run without a baseline
+        baseline = None
+    else:
+        baseline_rows = rows if baseline_from == variant.name else _report_rows(dirs[baseline_from])[1]
+        baseline = baseline_rows["baseline"]["metric_value"]
     teacher, student = rows["teacher"]["metric_value"], rows["student"]["metric_value"]
-    baseline = baseline_rows["baseline"]["metric_value"]
     run = _optional_json(os.path.join(output_dir, "runs", f"{variant.name}.json"))
     speed = _optional_json(os.path.join(output_dir, "speed", f"{variant.name}.json"))
     return {
@@ -477,9 +488,9 @@ def summary_row(variant: Variant, config: dict, dirs: dict[str, str], output_dir
         "teacher": teacher,
         "baseline": baseline,
         "student": student,
-        "student_minus_baseline_points": 100 * (student - baseline),
+        "student_minus_baseline_points": None if baseline is None else 100 * (student - baseline),
         "retention": student / teacher if teacher else None,
-        "baseline_retention": baseline / teacher if teacher else None,
+        "baseline_retention": baseline / teacher if teacher and baseline is not None else None,
         "speedup": rows["student"]["speedup"],
         "speedup_remeasured": speed.get("speedup"),
         "teacher_examples_per_second": rows["teacher"]["examples_per_second"],
