@@ -34,6 +34,23 @@ class RecipeArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an output_dir of another run."})
 
 
+@dataclass(kw_only=True)
+class TeacherStudentArguments:
+    """A teacher fine-tuned here and a student copied from its layers, as the text-classifier recipes take them; a
+    recipe's model arguments subclass it (keyword-only, so the recipe's fields without a default may follow)."""
+
+    teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
+    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher fine-tuning."})
+    student_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Student checkpoint; default: initialise from the teacher's layers."}
+    )
+    student_num_layers: int = field(default=3, metadata={"help": "Layers of a student initialised from the teacher."})
+    student_layer_init: str = field(
+        default="uniform",
+        metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,2,5]."},
+    )
+
+
 def parse_args(dataclass_types, argv: list[str]):
     """The dataclasses from the command line, or from one YAML or JSON file given alone."""
     parser = HfArgumentParser(dataclass_types)

