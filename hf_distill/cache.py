@@ -505,11 +505,8 @@ def distribution_width(config, head: DistillationHead) -> int:
 
 def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_batch_tokens, device,
            show_progress, top_k, temperature, num_classes, bf16, sparse_target, seed) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp_path = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     pad_token_id = getattr(teacher.config, "pad_token_id", None) or 0
-    try:
+    with write_folder_atomically(path) as tmp_path:
         features = _features(head.cache_layout, names, dtype, num_classes)
         with ArrowWriter(features=features, path=os.path.join(tmp_path, DATA_FILE)) as writer:
             for _, shard in _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress,
@@ -522,6 +519,17 @@ def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_b
             writer.finalize()
         with open(os.path.join(tmp_path, METADATA_FILE), "w") as file:
             json.dump(record, file, indent=2)
+
+
+@contextmanager
+def write_folder_atomically(path: str):
+    """Yield a fresh folder beside `path` to write into: when the block ends it replaces `path` (and whatever was
+    there), when it raises it is removed, so no reader ever sees a half-written `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp_path = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp_path
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp_path, path)

@@ -11,8 +11,6 @@ and reused by any later run with the same inputs; other inputs get another folde
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from accelerate import PartialState
@@ -20,7 +18,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.config import HF_DATASETS_CACHE
 from tqdm.auto import tqdm
 
-from ..cache import tokenizer_digest, weights_digest
+from ..cache import tokenizer_digest, weights_digest, write_folder_atomically
 
 GENERATIONS_FORMAT_VERSION = 1
 
@@ -95,16 +93,9 @@ def with_teacher_generations(teacher, tokenizer, blocks: Dataset, *, prompt_toke
                 {"input_ids": ids, "attention_mask": [[1] * block_size for _ in ids], "labels": labels},
                 features=blocks.features,
             )
-            os.makedirs(root, exist_ok=True)
-            tmp_path = tempfile.mkdtemp(prefix=f".teacher_generations-{key}.tmp-", dir=root)
-            try:
+            with write_folder_atomically(path) as tmp_path:
                 generated.save_to_disk(os.path.join(tmp_path, "data"))
                 with open(os.path.join(tmp_path, "record.json"), "w") as file:
                     json.dump(record, file, indent=2)
-                if os.path.exists(path):
-                    shutil.rmtree(path)
-                os.replace(tmp_path, path)
-            finally:
-                shutil.rmtree(tmp_path, ignore_errors=True)
     generated = load_from_disk(os.path.join(path, "data"))
     return concatenate_datasets([blocks, generated.cast(blocks.features)])
