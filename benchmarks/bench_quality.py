@@ -142,9 +142,11 @@ class Variant:
     @property
     def baseline_from(self) -> str | None:
         """The variant whose label-only baseline this one shares, or None: it trains its own. A seeded copy shares
-        the copy at its seed of the baseline its variant shares."""
+        the copy at its seed of its teacher run's baseline when its variant shares that one; one whose variant
+        shares another's (`baseline_of`) trains its own rather than running that other variant at the seed."""
         if self.seed_of is not None:
-            shared = VARIANTS[self.seed_of].baseline_from
+            base = VARIANTS[self.seed_of]
+            shared = None if base.baseline_of is not None else base.baseline_from
             return None if shared is None else f"{shared}-seed{self.settings['seed']}"
         if self.baseline_of is not None:
             return self.baseline_of
