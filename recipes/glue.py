@@ -15,7 +15,6 @@ and an `ensemble` row (the teachers' mixed probabilities, scored as one model) t
 """
 
 import dataclasses
-import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -369,9 +368,7 @@ def main(argv=None):
     def new_student():
         if model_args.student_model_name_or_path:
             return load_classifier(model_args.student_model_name_or_path, task)[0]
-        layers = model_args.student_layer_init
-        layers = json.loads(layers) if layers.startswith("[") else layers
-        return init_student_from_teacher(teacher, model_args.student_num_layers, layers)
+        return init_student_from_teacher(teacher, model_args.student_num_layers, model_args.student_layers())
 
     student_dir = os.path.join(output_dir, "student")
     student_args = dataclasses.replace(training_args, output_dir=student_dir)
