@@ -34,7 +34,7 @@ import datasets
 from transformers import Trainer, default_data_collator, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
-from hf_distill.cache import DATA_FILE, default_cache_path, weights_digest
+from hf_distill.cache import DATA_FILE, cache_folder
 from hf_distill.heads import CausalLMHead
 from hf_distill.losses import SPARSE_TARGETS
 from hf_distill.models import load_causal_lm, load_lm_tokenizer
@@ -131,7 +131,6 @@ def main():
 
     results.setdefault("variants", {})
     last_student = None
-    teacher_digest = weights_digest(teacher)  # names every variant's cache folder: hash the weights once
     for spec in args.variants:
         variant = parse_variant(spec)
         variant_args = dataclasses.replace(
@@ -148,21 +147,17 @@ def main():
             variant_args = dataclasses.replace(
                 variant_args, max_steps=math.ceil(len(train) / args.batch_size * args.epochs))
         cache_start = time.perf_counter()
-        # One cache folder per (target, k, T, draws' seed): a cache records them, and one built otherwise is refused.
-        # Sampled targets draw with the training seed, so the seeds' spread includes that of the draws.
-        sampled = variant["sparse_target"] != "top_k"
-        cache_dir = os.path.join(args.cache_dir, f"k{variant['top_k']}-T{variant['temperature']:g}"
-                                 + (f"-{variant['sparse_target']}-seed{args.seed}" if sampled else ""))
+        # Each (target, k, T, draws' seed) is a cache of its own in --cache_dir. Sampled targets draw with the
+        # training seed, so the seeds' spread includes that of the draws.
         if variant["online"]:  # the teacher's full distribution, every step
             variant_args = dataclasses.replace(variant_args, use_teacher_cache=False)
             cached, cache_file = data, None
         else:
-            cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=cache_dir, batch_size=8,
+            cached = cache_teacher_logits(teacher, data, tokenizer=tokenizer, cache_dir=args.cache_dir, batch_size=8,
                                           head=CausalLMHead(), top_k=variant["top_k"],
                                           temperature=variant["temperature"], sparse_target=variant["sparse_target"],
                                           seed=args.seed)
-            cache_path = default_cache_path(data, "teacher_logits", teacher_digest, cache_dir)
-            cache_file = os.path.join(cache_path, DATA_FILE)
+            cache_file = os.path.join(cache_folder(cached), DATA_FILE)
         cache_seconds = time.perf_counter() - cache_start
         tokens = len(data) * args.block_size
         trainer = DistillationTrainer(model=student(), teacher_model=teacher, args=variant_args, train_dataset=cached,

@@ -90,7 +90,7 @@ from hf_distill import (
 )
 from hf_distill.alignment import resolve_layer_map
 from hf_distill.cache import DATA_FILE as CACHE_DATA_FILE
-from hf_distill.cache import default_cache_path, length_grouped_batches, weights_digest
+from hf_distill.cache import cache_folder, length_grouped_batches
 from hf_distill.glue import get_task, load_glue_data, tokenize_glue
 from hf_distill.heads import DistillationHead
 
@@ -865,8 +865,7 @@ def bench_lm(args, work_dir):
         [same_work_note(fingerprints, list(values))],
     )]
 
-    arrow_file = os.path.join(default_cache_path(plain, "teacher_logits", weights_digest(teacher), cache_dir),
-                              CACHE_DATA_FILE)
+    arrow_file = os.path.join(cache_folder(cached), CACHE_DATA_FILE)
     cache_bytes = os.path.getsize(arrow_file)
     num_tokens = len(plain) * args.lm_seq_length  # the cache stores every input position
     dense_bytes = num_tokens * LM_VOCAB_SIZE * 4

@@ -132,7 +132,9 @@ class DistillationTrainingArguments(TrainingArguments):
             distributions (exact when k covers the vocabulary), `"renormalise"` compares both distributions
             renormalised over the k classes.
         overwrite_teacher_cache (`bool`, defaults to `False`):
-            Rebuild a cache that another teacher, tokenizer or dtype produced instead of refusing it.
+            Rebuild a cache that other inputs (another tokenizer or teacher config under the same weights)
+            produced instead of refusing it. Other build settings (dtype, k, temperature, bf16) are caches of
+            their own and need no rebuild.
     """
 
     # Parameters that control the distillation loss

@@ -2,10 +2,11 @@
 
 A cache is a folder holding the teacher's outputs as an Arrow file plus `hf_distill_cache.json`, the record of
 what produced them (teacher config and weights digest, tokenizer digest, head, layout, k, temperature, max length,
-dtype, the dataset's fingerprint). The folder name depends on the dataset, the column and the teacher's weights: a
-retrained teacher gets a cache of its own, and a cache of the same teacher on the same data built otherwise (other
-tokenizer, dtype, k, temperature) is found and refused with a message that says what differs, rather than silently
-used or silently rebuilt.
+dtype, the dataset's fingerprint). The folder name depends on the dataset, the column, the teacher's weights and the
+build settings (`BUILD_SETTINGS`: dtype, k, temperature, bf16 autocast, sparse target): a retrained teacher, or a
+build with other settings, gets a cache of its own beside the others, so switching a setting back finds its cache
+again. A cache in that folder built from other inputs (another tokenizer or teacher config under the same weights) is
+found and refused with a message that says what differs, rather than silently used or silently rebuilt.
 
 Three layouts, chosen by the model's head (`hf_distill.heads`):
 - `dense`: `(num_labels,)` logits per example (sequence and image classification), column `teacher_logits`;
@@ -53,6 +54,8 @@ METADATA_FILE = "hf_distill_cache.json"
 DATA_FILE = "teacher_outputs.arrow"
 # Part of every cache's path: a new format (or digest definition) never reads, nor refuses, an older cache.
 CACHE_FORMAT_VERSION = 3
+# Record entries that a build chooses (rather than its inputs): part of the folder name.
+BUILD_SETTINGS = ("dtype", "top_k", "temperature", "teacher_autocast", "sparse_target", "seed")
 SHARD_EXAMPLES = 2048
 # Top-k layouts: float32 logits of one teacher forward are tokens x vocabulary (a batch of 256 sequences of 256
 # tokens over a 49,152 vocabulary is 12.9 GB), and _encode adds copies of that size. Without a token budget from the
@@ -139,15 +142,27 @@ def _cache_record(teacher, teacher_digest, dataset, tokenizer, dtype, head, top_
     return record
 
 
-def default_cache_path(dataset: Dataset, column: str, teacher_digest: str, cache_dir: str | None = None) -> str:
-    """Where the cache of the teacher with `weights_digest` `teacher_digest` on `dataset` lives: beside the
-    dataset's Arrow files when it has some, else under the datasets cache."""
+def default_cache_path(dataset: Dataset, column: str, teacher_digest: str, record: dict,
+                       cache_dir: str | None = None) -> str:
+    """Where the cache of the teacher with `weights_digest` `teacher_digest` on `dataset`, built with the
+    `BUILD_SETTINGS` of `record` (its `hf_distill_cache.json`), lives: beside the dataset's Arrow files when it has
+    some, else under the datasets cache."""
+    settings = {key: record[key] for key in BUILD_SETTINGS if key in record}
+    settings_digest = _sha256([json.dumps(settings, sort_keys=True).encode()])[:8]
     if cache_dir is None:
         if dataset.cache_files:
             cache_dir = os.path.join(os.path.dirname(dataset.cache_files[0]["filename"]), "hf_distill")
         else:
             cache_dir = os.path.join(HF_DATASETS_CACHE, "hf_distill")
-    return os.path.join(cache_dir, f"{column}-{dataset._fingerprint}-{teacher_digest[:16]}-v{CACHE_FORMAT_VERSION}")
+    return os.path.join(
+        cache_dir, f"{column}-{dataset._fingerprint}-{teacher_digest[:16]}-{settings_digest}-v{CACHE_FORMAT_VERSION}"
+    )
+
+
+def cache_folder(cached: Dataset) -> str:
+    """The cache folder whose teacher outputs `cached` (a result of `cache_teacher_logits`) reads."""
+    return next(os.path.dirname(file["filename"]) for file in cached.cache_files
+                if os.path.basename(file["filename"]) == DATA_FILE)
 
 
 def check_teacher_logits(logits_dataset: Dataset, column: str, num_labels: int) -> None:
@@ -450,12 +465,12 @@ def cache_teacher_logits(
     if head.cache_layout == TOPK and max_batch_tokens is None:
         max_batch_tokens = max(1, TOPK_LOGITS_BYTES_PER_FORWARD // (4 * num_classes))
     teacher_digest = weights_digest(teacher)
-    path = default_cache_path(dataset, column, teacher_digest, cache_dir)
     record = _cache_record(teacher, teacher_digest, dataset, tokenizer, dtype, head, top_k, temperature, num_classes)
-    if bf16:  # absent otherwise: caches built before the option keep their fingerprint
+    if bf16:  # absent otherwise: caches built before the option keep their record
         record["teacher_autocast"] = "bfloat16"
     if head.cache_layout == TOPK and sparse_target != "top_k":  # likewise
         record.update(sparse_target=sparse_target, seed=seed)
+    path = default_cache_path(dataset, column, teacher_digest, record, cache_dir)
     build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
                  batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
                  show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes,

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_bert, toy_dataset
 
 from hf_distill import cache_teacher_logits
-from hf_distill.cache import MAX_PADDING_FRACTION, METADATA_FILE, default_cache_path, weights_digest
+from hf_distill.cache import MAX_PADDING_FRACTION, METADATA_FILE, cache_folder
 
 
 def reference_logits(teacher, dataset):
@@ -76,8 +76,10 @@ def test_bf16_teacher_pass_is_close_to_float32_and_part_of_the_fingerprint(teach
     values = np.array(cached["teacher_logits"])
     assert not np.array_equal(values, expected)  # the pass did run in bfloat16 (8-bit mantissa)
     np.testing.assert_allclose(values, expected, atol=0.05 * np.abs(expected).max())
-    with pytest.raises(ValueError, match=r"teacher_autocast: cached 'bfloat16', now None"):
-        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
+    # A float32 pass is another cache, beside the bf16 one: it holds float32's logits.
+    full = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
+    np.testing.assert_allclose(np.array(full["teacher_logits"]), expected, atol=1e-5)
+    assert cache_folder(full) != cache_folder(cached)
 
 
 def test_matching_cache_is_reused_without_running_the_teacher(teacher, cache_dir):
@@ -103,21 +105,27 @@ def test_another_teacher_gets_a_cache_of_its_own(cache_dir):
     assert len([name for name in os.listdir(cache_dir) if not name.endswith(".lock")]) == 2
 
 
-def test_stale_cache_is_refused_with_the_differences(teacher, cache_dir):
+def test_other_build_settings_get_a_cache_of_their_own(teacher, cache_dir):
+    """Switching a setting (here the dtype; likewise k, temperature, bf16, the sparse target) and back finds each
+    build's cache again, rather than refusing or replacing the other."""
     dataset = toy_dataset(16)
-    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
-    with pytest.raises(ValueError, match=r"(?s)dtype: cached 'float16', now 'float32'.*Delete that folder.*overwrite"):
-        cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
-    rebuilt = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32", overwrite=True)
-    np.testing.assert_allclose(np.array(rebuilt["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
+    half = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    full = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
+    np.testing.assert_allclose(np.array(full["teacher_logits"]), reference_logits(teacher, dataset), atol=1e-5)
+    assert cache_folder(half) != cache_folder(full)
+    counter = CountingForward(teacher)
+    again = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
+    assert counter.calls == 0 and again["teacher_logits"] == half["teacher_logits"]
 
 
-def test_stale_tokenizer_is_refused(teacher, cache_dir, tokenizer, tmp_path):
+def test_stale_tokenizer_is_refused_with_the_differences(teacher, cache_dir, tokenizer, tmp_path):
     dataset = toy_dataset(8)
     cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
     tokenizer.add_tokens(["brandnewtoken"])
-    with pytest.raises(ValueError, match="tokenizer_digest"):
+    with pytest.raises(ValueError, match=r"(?s)tokenizer_digest: cached '\w+', now '\w+'.*Delete that folder"):
         cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
+    rebuilt = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer, overwrite=True)
+    np.testing.assert_allclose(np.array(rebuilt["teacher_logits"]), reference_logits(teacher, dataset), atol=2e-3)
 
 
 def test_interrupted_build_leaves_nothing_that_reads_as_valid(teacher, cache_dir):
@@ -133,7 +141,6 @@ def test_interrupted_build_leaves_nothing_that_reads_as_valid(teacher, cache_dir
     teacher.forward = fail_on_third_batch
     with pytest.raises(KeyboardInterrupt):
         cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, batch_size=8)
-    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir))
     assert not os.path.exists(cache_dir) or [name for name in os.listdir(cache_dir) if not name.endswith(".lock")] == []
 
     teacher.forward = counter.forward
@@ -155,8 +162,8 @@ def test_interrupted_write_is_cleaned_up(teacher, cache_dir, monkeypatch):
 
 def test_record_names_what_produced_the_cache(teacher, cache_dir, tokenizer):
     dataset = toy_dataset(8, max_length=10)
-    cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer)
-    path = default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir)
+    path = cache_folder(cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, tokenizer=tokenizer))
+    assert os.path.dirname(path) == cache_dir
     with open(os.path.join(path, METADATA_FILE)) as file:
         record = json.load(file)
     assert record["dataset_fingerprint"] == dataset._fingerprint
@@ -183,7 +190,7 @@ def test_overflowing_logits_are_refused(teacher, cache_dir):
     dataset = toy_dataset(4)
     with pytest.raises(ValueError, match="exceed float16's range.*teacher_cache_dtype='float32'"):
         cache_teacher_logits(teacher, dataset, cache_dir=cache_dir)
-    assert not os.path.exists(default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir))
+    assert [name for name in os.listdir(cache_dir) if not name.endswith(".lock")] == []
     cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float32")
     assert np.isfinite(np.array(cached["teacher_logits"])).all()
 

@@ -1,5 +1,7 @@
 """Causal-LM distillation: shifted positions, top-k caches, vocabulary checks and step-level token normalisation."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from conftest import LM_VOCAB_SIZE, PadCollator, tiny_llama, toy_lm_dataset
 from scipy.special import log_softmax
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
+from hf_distill.cache import METADATA_FILE, cache_folder
 from hf_distill.heads import CausalLMHead
 
 
@@ -118,13 +121,14 @@ def test_sampled_cache_holds_the_draws_and_the_loss_is_their_kl_to_the_student(t
     kd = np.where(drawn, np.exp(p) * (p - np.take_along_axis(q, token_ids, -1)), 0.0).sum(-1)
     assert loss.item() == pytest.approx(kd.mean() * 4.0, rel=1e-4)
     assert trainer.distillation_settings()["teacher_outputs"]["sparse_target"] == "sampled"
-    # Another training seed reuses the draws; other draws are another cache, refused here.
+    # Another training seed reuses the draws; other draws are another cache, beside this one.
     reseeded = make_trainer(tmp_path, dataset, teacher_cache_top_k=8, teacher_cache_dtype="float32",
                             sparse_target="sampled", seed=1)
     assert reseeded.train_dataset["teacher_topk_ids"] == trainer.train_dataset["teacher_topk_ids"]
-    with pytest.raises(ValueError, match="built from other inputs:\n.*seed: cached 0, now 1"):
-        cache_teacher_logits(trainer.teacher_model, dataset, cache_dir=str(tmp_path / "cache"), top_k=8,
-                             dtype="float32", temperature=2.0, sparse_target="sampled", seed=1)
+    redrawn = cache_teacher_logits(trainer.teacher_model, dataset, cache_dir=str(tmp_path / "cache"), top_k=8,
+                                   dtype="float32", temperature=2.0, sparse_target="sampled", seed=1)
+    assert redrawn["teacher_topk_ids"] != trainer.train_dataset["teacher_topk_ids"]
+    assert cache_folder(redrawn) != cache_folder(reseeded.train_dataset)
 
 
 def test_online_sampled_target_draws_anew_each_step(tmp_path):
@@ -236,11 +240,18 @@ def test_mse_is_refused_for_language_models(tmp_path):
 
 
 def test_cache_records_k_and_temperature(tmp_path):
+    import json
+
     teacher = tiny_llama(seed=2)
     dataset = toy_lm_dataset(4)
-    cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path), top_k=4, temperature=2.0)
-    with pytest.raises(ValueError, match="built from other inputs:\n.*temperature: cached 2.0, now 1.0"):
-        cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path), top_k=4, temperature=1.0)
+    records = []
+    for top_k, temperature in ((4, 2.0), (4, 1.0), (3, 1.0)):
+        folder = cache_folder(cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path), top_k=top_k,
+                                                   temperature=temperature))
+        with open(os.path.join(folder, METADATA_FILE)) as file:
+            records.append(json.load(file))
+    assert [(record["top_k"], record["temperature"]) for record in records] == [(4, 2.0), (4, 1.0), (3, 1.0)]
+    assert len({record["dataset_fingerprint"] for record in records}) == 1  # one dataset, three caches
 
 
 def test_top_k_cache_bounds_the_logits_of_each_teacher_forward(tmp_path, monkeypatch):

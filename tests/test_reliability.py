@@ -218,12 +218,15 @@ def test_two_processes_share_one_cache_build(tmp_path, teacher):
 
 
 def test_stale_temporary_folders_of_a_killed_build_are_removed(tmp_path, teacher):
+    import shutil
+
     from hf_distill import cache_teacher_logits
-    from hf_distill.cache import default_cache_path, weights_digest
+    from hf_distill.cache import cache_folder
 
     dataset = toy_dataset(8)
     cache_dir = str(tmp_path / "cache")
-    path = default_cache_path(dataset, "teacher_logits", weights_digest(teacher), cache_dir)
+    path = cache_folder(cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, show_progress=False))
+    shutil.rmtree(path)
     stale = [os.path.join(cache_dir, f".{os.path.basename(path)}.tmp-{suffix}") for suffix in ("a1", "b2")]
     for folder in stale:
         os.makedirs(folder)
