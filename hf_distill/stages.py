@@ -8,11 +8,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
+import torch
 from accelerate import PartialState
 from huggingface_hub import HfApi
-from transformers import HfArgumentParser, Trainer
+from transformers import EvalPrediction, HfArgumentParser, Trainer
 from transformers.utils import logging
 
+from .losses import ensemble_logits
 from .models import load_model
 from .report import build_report, combined_row, compare_throughput, model_row, write_report
 from .student_init import init_student_from_teacher
@@ -153,6 +155,27 @@ def predict_model(model, dataset, collator, compute_metrics, training_args, pref
         output = trainer.predict(dataset, metric_key_prefix=prefix)
     metrics = {key.removeprefix(f"{prefix}_"): value for key, value in output.metrics.items()}
     return metrics, output.predictions, output.label_ids
+
+
+def teachers_metrics(teachers: dict, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval",
+                     ensemble: str | None = None) -> dict[str, dict]:
+    """Each teacher's metrics (`{name: teacher}`) and, of several, their ensemble's (`"ensemble"`): their logits
+    combined by `ensemble` (default `training_args.teacher_ensemble`; `"mean_logits"` for a regression) with
+    `training_args.teacher_weights` at temperature 1, scored from the teachers' own predictions. Collective: every
+    process calls it."""
+    if len(teachers) == 1:
+        (name, teacher), = teachers.items()
+        return {name: evaluate_model(teacher, eval_dataset, collator, compute_metrics, training_args, prefix)}
+    metrics, logits = {}, []
+    for name, teacher in teachers.items():
+        metrics[name], predictions, label_ids = predict_model(
+            teacher, eval_dataset, collator, compute_metrics, training_args, prefix
+        )
+        logits.append(torch.as_tensor(predictions[0] if isinstance(predictions, tuple) else predictions))
+    weights = training_args.teacher_weights or [1.0] * len(teachers)
+    mixed = ensemble_logits(logits, weights, temperature=1.0, mode=ensemble or training_args.teacher_ensemble)
+    metrics["ensemble"] = compute_metrics(EvalPrediction(predictions=mixed.numpy(), label_ids=label_ids))
+    return metrics
 
 
 def write_comparison(

@@ -20,16 +20,14 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
-import torch
 from datasets import concatenate_datasets
-from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, set_seed
+from transformers import DataCollatorWithPadding, Trainer, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset, stages
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
 from hf_distill.cache import tokenizer_digest
 from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
-from hf_distill.losses import ensemble_logits
 from hf_distill.metrics import make_compute_metrics
 from hf_distill.models import check_same_tokenizer, load_classifier, load_tokenizer
 from hf_distill.stages import (
@@ -37,8 +35,8 @@ from hf_distill.stages import (
     claim_output_dir,
     evaluate_model,
     parse_args,
-    predict_model,
     push_student,
+    teachers_metrics,
     write_comparison,
 )
 from hf_distill.student_init import init_student_from_teacher
@@ -252,27 +250,6 @@ def alignment_settings(trainer: DistillationTrainer) -> dict:
     return {"loss_weights": weights, "layer_map": trainer.layer_map} if trainer.layer_map else {"loss_weights": weights}
 
 
-def teachers_metrics(teachers, eval_dataset, collator, task, training_args) -> dict[str, dict]:
-    """Each teacher's task metrics and, of several, their ensemble's (`"ensemble"`): the mixture of their
-    probabilities at temperature 1 (`--teacher_ensemble`, `--teacher_weights`; the mean for a regression), scored
-    from the teachers' own predictions. Collective: every process calls it."""
-    compute_metrics = make_compute_metrics(task)
-    if len(teachers) == 1:
-        (name, teacher), = teachers.items()
-        return {name: evaluate_model(teacher, eval_dataset, collator, compute_metrics, training_args)}
-    metrics, logits = {}, []
-    for name, teacher in teachers.items():
-        metrics[name], predictions, label_ids = predict_model(
-            teacher, eval_dataset, collator, compute_metrics, training_args
-        )
-        logits.append(torch.as_tensor(predictions))
-    mode = "mean_logits" if task.is_regression else training_args.teacher_ensemble
-    weights = training_args.teacher_weights or [1.0] * len(teachers)
-    mixed = ensemble_logits(logits, weights, temperature=1.0, mode=mode)
-    metrics["ensemble"] = compute_metrics(EvalPrediction(predictions=mixed.numpy(), label_ids=label_ids))
-    return metrics
-
-
 def main(argv=None):
     model_args, data_args, recipe_args, training_args = parse_args(
         (ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments),
@@ -421,7 +398,8 @@ def main(argv=None):
     report_models["student"] = (student, student_dir)
 
     # Evaluation is collective (sharded data, gathered predictions): every process runs it.
-    metrics = teachers_metrics(teachers, eval_dataset, collator, task, training_args)
+    metrics = teachers_metrics(teachers, eval_dataset, collator, compute_metrics, training_args,
+                               ensemble="mean_logits" if task.is_regression else None)
     for name, (model, _) in list(report_models.items())[len(teachers):]:
         metrics[name] = evaluate_model(model, eval_dataset, collator, compute_metrics, training_args)
     extra_splits = {

@@ -45,6 +45,7 @@ from hf_distill.stages import (
     parse_args,
     push_student,
     run_record,
+    teachers_metrics,
     write_comparison,
 )
 from hf_distill.tasks.image_classification import load_image_classification_data, mixup_copies, process_images
@@ -65,6 +66,12 @@ class ModelArguments:
         default=None, metadata={"help": "Config of that teacher, e.g. 'image_size=8,patch_size=2,hidden_size=96'."}
     )
     teacher_hub_id: str | None = field(default=None, metadata={"help": "Hub id of the teacher, for the card."})
+    teacher_seeds: list[int] | None = field(
+        default=None,
+        metadata={"help": "Train one teacher per seed (a teacher trained here: --teacher_model_type, or a checkpoint "
+                  "with a new head); the students distil their ensemble (--teacher_ensemble, --teacher_weights). "
+                  "Default: one teacher, trained with --seed."},
+    )
     teacher_num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs of teacher training."})
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher training."})
     ignore_mismatched_sizes: bool = field(
@@ -145,12 +152,16 @@ def parse_overrides(text: str | None, flag: str) -> dict:
     return overrides
 
 
-def check_args(model_args) -> None:
+def check_args(model_args, training_args) -> None:
     if bool(model_args.teacher_model_name_or_path) == bool(model_args.teacher_model_type):
         raise ValueError(
             "Give exactly one of --teacher_model_name_or_path (a trained or pretrained classifier) and "
             "--teacher_model_type (e.g. vit, trained here from --teacher_config_overrides)."
         )
+    num_teachers = len(model_args.teacher_seeds or [None])
+    if training_args.teacher_weights is not None and len(training_args.teacher_weights) != num_teachers:
+        raise ValueError(f"--teacher_weights has {len(training_args.teacher_weights)} weights for {num_teachers} "
+                         "teacher(s): give one weight per --teacher_seeds seed, in the same order.")
     unknown = [kind for kind in model_args.student_model_type if kind not in STUDENT_TYPES]
     if unknown or not model_args.student_model_type:
         raise ValueError(f"--student_model_type {unknown}: use one or more of {list(STUDENT_TYPES)}.")
@@ -207,7 +218,7 @@ def main(argv=None):
         (ModelArguments, DataArguments, RecipeArguments, DistillationTrainingArguments),
         sys.argv[1:] if argv is None else argv,
     )
-    check_args(model_args)
+    check_args(model_args, training_args)
     push_to_hub = training_args.push_to_hub
     # Images have no padding: keep every column the collator needs; the teacher's logits ride in the batch.
     training_args = dataclasses.replace(training_args, push_to_hub=False, remove_unused_columns=False)
@@ -229,7 +240,19 @@ def main(argv=None):
             if split in raw:
                 raw[split] = raw[split].select(range(min(data_args.max_eval_samples, len(raw[split]))))
     id2label = dict(enumerate(label_names))
-    teacher, train_teacher = build_teacher(model_args, len(label_names), id2label)
+    teacher_seeds = model_args.teacher_seeds or [training_args.seed]
+    teachers = {}
+    for index, seed in enumerate(teacher_seeds):
+        set_seed(seed)  # each teacher's initial weights (of a model trained here, or of a new head)
+        name = "teacher" if len(teacher_seeds) == 1 else f"teacher_{index}"
+        teachers[name], train_teacher = build_teacher(model_args, len(label_names), id2label)
+        if model_args.teacher_seeds and not train_teacher:
+            raise ValueError(
+                f"--teacher_seeds trains one teacher per seed, but {model_args.teacher_model_name_or_path} is a "
+                "trained classifier of these classes, used as given. Drop --teacher_seeds, or train teachers here "
+                "with --teacher_model_type."
+            )
+    teacher = teachers[next(iter(teachers))]
     overrides = parse_overrides(model_args.student_config_overrides, "--student_config_overrides")
     student_configs = {kind: student_config(teacher.config, kind, overrides) for kind in model_args.student_model_type}
     image_processor = image_processor_for(model_args, teacher.config)
@@ -253,22 +276,25 @@ def main(argv=None):
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         return {"accuracy": float((logits.argmax(-1) == prediction.label_ids).mean())}
 
-    # Stage 1: the teacher.
-    teacher_dir = os.path.join(output_dir, "teacher")
-    if train_teacher:
-        Trainer(
-            model=teacher,
-            args=dataclasses.replace(training_args, output_dir=teacher_dir,
-                                     num_train_epochs=model_args.teacher_num_train_epochs,
-                                     learning_rate=model_args.teacher_learning_rate),
-            train_dataset=processed["train"], data_collator=collator,
-        ).train()
-    if training_args.should_save:
-        teacher.save_pretrained(teacher_dir)
-        image_processor.save_pretrained(teacher_dir)
+    # Stage 1: the teachers, each in its own folder.
+    teacher_dirs = {name: os.path.join(output_dir, name) for name in teachers}
+    for (name, model), seed in zip(teachers.items(), teacher_seeds):
+        if train_teacher:
+            Trainer(
+                model=model,
+                args=dataclasses.replace(training_args, output_dir=teacher_dirs[name], seed=seed,
+                                         num_train_epochs=model_args.teacher_num_train_epochs,
+                                         learning_rate=model_args.teacher_learning_rate),
+                train_dataset=processed["train"], data_collator=collator,
+            ).train()
+        if training_args.should_save:
+            model.save_pretrained(teacher_dirs[name])
+            image_processor.save_pretrained(teacher_dirs[name])
+    several = len(teachers) > 1
+    teacher_model = list(teachers.values()) if several else teacher
 
     # Stages 2-3: per student, distillation (logits cached on first use, then reused) and its baseline.
-    models, trainers = {"teacher": (teacher, teacher_dir)}, {}
+    models, trainers = {name: (model, teacher_dirs[name]) for name, model in teachers.items()}, {}
     for kind, config in student_configs.items():
         suffix = "" if len(student_configs) == 1 else f"_{kind}"
         student_class = DeiTForImageClassificationWithTeacher if kind == "deit" else AutoModelForImageClassification
@@ -276,7 +302,8 @@ def main(argv=None):
         student = (student_class(config) if kind == "deit" else student_class.from_config(config))
         student_dir = os.path.join(output_dir, f"student{suffix}")
         trainer = DistillationTrainer(
-            model=student, teacher_model=teacher, args=dataclasses.replace(training_args, output_dir=student_dir),
+            model=student, teacher_model=teacher_model,
+            args=dataclasses.replace(training_args, output_dir=student_dir),
             train_dataset=distill_train, eval_dataset=processed["validation"], data_collator=collator,
             compute_metrics=compute_metrics,
         )
@@ -299,10 +326,13 @@ def main(argv=None):
     eval_splits = {split: processed[split] for split in ("validation", "test") if split in processed}
     metrics = {
         split: {
-            name: evaluate_model(model, dataset, collator, compute_metrics, training_args, split,
-                                 compute_loss_func=cross_entropy_of_logits if isinstance(
-                                     model, DeiTForImageClassificationWithTeacher) else None)
-            for name, (model, _) in models.items()
+            **teachers_metrics(teachers, dataset, collator, compute_metrics, training_args, split),
+            **{
+                name: evaluate_model(model, dataset, collator, compute_metrics, training_args, split,
+                                     compute_loss_func=cross_entropy_of_logits if isinstance(
+                                         model, DeiTForImageClassificationWithTeacher) else None)
+                for name, (model, _) in list(models.items())[len(teachers):]
+            },
         }
         for split, dataset in eval_splits.items()
     }
@@ -313,8 +343,10 @@ def main(argv=None):
         models, metrics["validation"], "accuracy", eval_splits["validation"], collator, output_dir,
         copy_to=student_dirs, batch_size=recipe_args.latency_batch_size, rounds=recipe_args.latency_rounds,
         metric_names=["accuracy"], extra={"test": metrics["test"]} if "test" in metrics else None,
+        combined={"ensemble": list(teachers)} if several else None, reference="ensemble" if several else "teacher",
     )
-    print(f"\nImage classification: teacher vs baselines vs distilled students (validation accuracy)\n\n{markdown}")
+    title = "teachers, their ensemble" if several else "teacher"
+    print(f"\nImage classification: {title} vs baselines vs distilled students (validation accuracy)\n\n{markdown}")
     if "test" in metrics:
         print("test accuracy: " + ", ".join(f"{name} {m['accuracy']:.4f}" for name, m in metrics["test"].items()))
 
@@ -324,6 +356,7 @@ def main(argv=None):
         settings = {
             **({"teacher_training": {"epochs": model_args.teacher_num_train_epochs,
                                      "learning_rate": model_args.teacher_learning_rate,
+                                     "seeds" if several else "seed": teacher_seeds if several else teacher_seeds[0],
                                      **({"config": model_args.teacher_config_overrides}
                                         if model_args.teacher_model_type else {})}} if train_teacher else {}),
             "student_init": {"architecture": type(trainer.student).__name__,

@@ -14,7 +14,12 @@ from datasets import Dataset, DatasetDict
 from huggingface_hub import ModelCard
 from PIL import Image
 from sklearn.datasets import load_digits
-from transformers import AutoModelForImageClassification, DeiTForImageClassificationWithTeacher, ViTImageProcessorPil
+from transformers import (
+    AutoModelForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTImageProcessorPil,
+)
 
 from hf_distill.tasks.image_classification import arrays_dataset, mixup_copies, process_images
 
@@ -137,6 +142,35 @@ def test_students_distil_on_the_train_images_and_their_mixup_copies(tmp_path):
     assert json.loads((tmp_path / "run" / "hf_distill_run.json").read_text())["DataArguments"]["mixup_copies"] == 2
 
 
+def test_students_distil_an_ensemble_of_teachers_trained_with_two_seeds(tmp_path):
+    from scipy.special import softmax
+
+    recipe.main(image_args(tmp_path, "--teacher_seeds", "1", "2", "--student_model_type", "vit", "deit"))
+    run = tmp_path / "run"
+    assert {"teacher_0", "teacher_1"} <= set(os.listdir(run)) and "teacher" not in os.listdir(run)
+    report = json.loads((run / "results.json").read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows)[:3] == ["teacher_0", "teacher_1", "ensemble"]
+
+    # The two seeds gave two teachers; the ensemble row is their mean probability, recomputed from the saved ones.
+    validation = np.load(tmp_path / "digits_64.npz")
+    pixels = torch.tensor((validation["images"] / 255.0 - 0.5) / 0.5, dtype=torch.float32)[:, None]
+    probs = []
+    for name in ("teacher_0", "teacher_1"):
+        with torch.no_grad():
+            logits = AutoModelForImageClassification.from_pretrained(run / name).eval()(pixel_values=pixels).logits
+        probs.append(softmax(logits.numpy(), -1))
+        assert rows[name]["metric_value"] == pytest.approx((probs[-1].argmax(-1) == validation["labels"]).mean())
+    assert not np.allclose(probs[0], probs[1])
+    ensemble_accuracy = ((probs[0] + probs[1]).argmax(-1) == validation["labels"]).mean()
+    assert rows["ensemble"]["metric_value"] == pytest.approx(ensemble_accuracy)
+    assert rows["student_vit"]["retention"] == pytest.approx(rows["student_vit"]["metric_value"] / ensemble_accuracy)
+    # Each teacher's logits are cached once, for both students (and the validation images).
+    assert len(glob.glob(str(tmp_path / "cache" / "*" / "teacher_outputs.arrow"))) == 2 * 2
+    card = ModelCard.load(run / "student_deit" / "README.md")
+    assert card.data.distillation["teacher_training"]["seeds"] == [1, 2]
+
+
 # ---- bad input ----
 
 
@@ -173,3 +207,16 @@ def test_mixup_copies_with_random_views_are_refused(tmp_path):
 def test_two_data_sources(tmp_path):
     with pytest.raises(ValueError, match="exactly one data source"):
         recipe.main(image_args(tmp_path, "--dataset_name", "sklearn_digits"))
+
+
+def test_teacher_seeds_need_teachers_trained_here_and_one_weight_each(tmp_path):
+    with pytest.raises(ValueError, match="--teacher_weights has 3 weights for 2 teacher"):
+        recipe.main(image_args(tmp_path, "--teacher_seeds", "1", "2", "--teacher_weights", "1", "1", "1"))
+    config = ViTConfig(**recipe.parse_overrides(TINY_VIT, "overrides"), num_labels=10)
+    AutoModelForImageClassification.from_config(config).save_pretrained(tmp_path / "trained")
+    args = image_args(tmp_path, "--teacher_seeds", "1", "2")
+    args[args.index("--teacher_model_type"):args.index("--teacher_model_type") + 4] = [
+        "--teacher_model_name_or_path", str(tmp_path / "trained")]
+    with pytest.raises(ValueError, match="--teacher_seeds trains one teacher per seed, but .* used as given"):
+        recipe.main(args)
+    assert not (tmp_path / "run").exists()
