@@ -27,6 +27,8 @@ Variants (`--only` takes these names):
   sst2-transfer-aug2    As sst2-transfer plus 2 augmented copies of each labelled sentence (`--augment_copies`).
   sst2-transfer-hidden  As sst2-transfer plus TinyBERT's hidden-state MSE (weight 1, student layers 1-3 against teacher
                         layers 2, 4, 6), which runs the teacher online.
+  sst2-transfer-bf16    As sst2-transfer with the teacher's logits cached under bf16 autocast (`teacher_cache_bf16`):
+                        what the faster cache build costs the student.
   sst2-transfer-full    The issue's transfer setting: the teacher labels the whole rest of the SST-2 train set
                         (`../shared/data/glue/sst2`, 63,349 sentences), student 1 epoch.
   <task>-noaug          cola, mrpc, rte, stsb from `recipes/configs/<task>_minilm.yaml`, with no transfer data,
@@ -190,6 +192,7 @@ VARIANTS = {
         _sst2("sst2-transfer-16k", transfer_train_samples=16000),
         _sst2("sst2-transfer-aug2", augment_copies=2),
         _sst2("sst2-transfer-hidden", hidden_loss_weight=1.0),
+        _sst2("sst2-transfer-bf16", teacher_cache_bf16=True),
         _sst2("sst2-transfer-full", train_file=SST2_FULL_TRAIN, transfer_train_samples=63349, num_train_epochs=1),
         *(Variant(f"{task}-noaug", f"{task}_minilm.yaml", NO_TRANSFER) for task in ("cola", "mrpc", "rte", "stsb")),
         *(
