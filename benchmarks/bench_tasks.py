@@ -4,6 +4,7 @@ figures from each run's results.json (validation and test metric, retention, CPU
     nice python benchmarks/bench_tasks.py recipes/configs/conll2003_minilm.yaml --seeds 42
     nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44
     nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44 --set augment=true
+    nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 --set "teacher_seeds=[1, 2]"
 
 Each seed runs the recipe in a subprocess (`--seed`, `--output_dir <config's>_seed<seed>`); `--summarise` only
 reads finished runs.
@@ -49,12 +50,13 @@ def figures(output_dir: str) -> dict:
     metric = report["main_metric"]
     rows = {row["name"]: row for row in report["rows"]}
     test = report.get("test", {})
+    reference = "ensemble" if "ensemble" in rows else "teacher"  # what the recipe's retention refers to
     return {
         name: {
             "validation": row["metric_value"],
             "test": test.get(name, {}).get(metric),
             "retention": row["retention"],
-            "test_retention": test[name][metric] / test["teacher"][metric] if name in test else None,
+            "test_retention": test[name][metric] / test[reference][metric] if name in test else None,
             "speedup": row["speedup"],
         }
         for name, row in rows.items()
