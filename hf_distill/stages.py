@@ -160,7 +160,7 @@ def predict_model(model, dataset, collator, compute_metrics, training_args, pref
 def teachers_metrics(teachers: dict, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval",
                      ensemble: str | None = None) -> dict[str, dict]:
     """Each teacher's metrics (`{name: teacher}`) and, of several, their ensemble's (`"ensemble"`): their logits
-    combined by `ensemble` (default `training_args.teacher_ensemble`; `"mean_logits"` for a regression) with
+    combined by `ensemble` (default `training_args.teacher_ensemble`; pass `"mean_logits"` for a regression) with
     `training_args.teacher_weights` at temperature 1, scored from the teachers' own predictions. Collective: every
     process calls it."""
     if len(teachers) == 1:
