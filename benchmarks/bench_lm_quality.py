@@ -37,11 +37,11 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache
 from hf_distill.cache import DATA_FILE, cache_folder
 from hf_distill.heads import CausalLMHead
 from hf_distill.losses import SPARSE_TARGETS
-from hf_distill.models import load_causal_lm, load_lm_tokenizer
-from hf_distill.report import compare_throughput, count_parameters
+from hf_distill.recipe_support.models import load_causal_lm, load_lm_tokenizer
+from hf_distill.recipe_support.report import compare_throughput, count_parameters
+from hf_distill.recipe_support.tasks.causal_lm import evaluate_lm, group_texts, load_text_data
+from hf_distill.recipe_support.tasks.sequence_kd import with_teacher_generations
 from hf_distill.student_init import init_student_from_teacher
-from hf_distill.tasks.causal_lm import evaluate_lm, group_texts, load_text_data
-from hf_distill.tasks.sequence_kd import with_teacher_generations
 
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
 

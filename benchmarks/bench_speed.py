@@ -91,8 +91,8 @@ from hf_distill import (
 from hf_distill.alignment import resolve_layer_map
 from hf_distill.cache import DATA_FILE as CACHE_DATA_FILE
 from hf_distill.cache import cache_folder, length_grouped_batches
-from hf_distill.glue import get_task, load_glue_data, tokenize_glue
 from hf_distill.heads import DistillationHead
+from hf_distill.recipe_support.glue import get_task, load_glue_data, tokenize_glue
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT / "recipes" / "data" / "sst2"

@@ -24,13 +24,20 @@ import datasets
 from transformers import Trainer, default_data_collator, set_seed
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits, stages
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
 from hf_distill.heads import CausalLMHead
-from hf_distill.models import check_same_tokenizer, load_causal_lm, load_lm_tokenizer
-from hf_distill.report import ReportRow, build_report, compare_throughput, count_parameters, size_on_disk, write_report
-from hf_distill.stages import claim_output_dir
-from hf_distill.student_init import init_student_from_teacher
-from hf_distill.tasks.causal_lm import (
+from hf_distill.recipe_support import stages
+from hf_distill.recipe_support.models import check_same_tokenizer, load_causal_lm, load_lm_tokenizer
+from hf_distill.recipe_support.report import (
+    ReportRow,
+    build_report,
+    compare_throughput,
+    count_parameters,
+    size_on_disk,
+    write_report,
+)
+from hf_distill.recipe_support.stages import claim_output_dir
+from hf_distill.recipe_support.tasks.causal_lm import (
     check_block_size,
     check_top_k,
     evaluate_lm,
@@ -39,7 +46,8 @@ from hf_distill.tasks.causal_lm import (
     group_texts,
     load_text_data,
 )
-from hf_distill.tasks.sequence_kd import with_teacher_generations
+from hf_distill.recipe_support.tasks.sequence_kd import with_teacher_generations
+from hf_distill.student_init import init_student_from_teacher
 from hf_distill.teacher import check_compatible
 
 logger = logging.get_logger("hf_distill.recipes.causal_lm")

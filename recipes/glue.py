@@ -24,13 +24,14 @@ from datasets import concatenate_datasets
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset, stages
+from hf_distill import DistillationTrainer, DistillationTrainingArguments, augment_dataset
 from hf_distill.arguments import ALIGNMENT_WEIGHTS
 from hf_distill.cache import tokenizer_digest
-from hf_distill.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
-from hf_distill.metrics import make_compute_metrics
-from hf_distill.models import check_same_tokenizer, load_classifier, load_tokenizer
-from hf_distill.stages import (
+from hf_distill.recipe_support import stages
+from hf_distill.recipe_support.glue import UNLABELLED, get_task, load_glue_data, tokenize_glue
+from hf_distill.recipe_support.metrics import make_compute_metrics
+from hf_distill.recipe_support.models import check_same_tokenizer, load_classifier, load_tokenizer
+from hf_distill.recipe_support.stages import (
     check_output_dir,
     claim_output_dir,
     evaluate_model,

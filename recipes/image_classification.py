@@ -37,9 +37,10 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from hf_distill import DistillationTrainer, DistillationTrainingArguments, stages
-from hf_distill.models import load_model, resolve_model_path
-from hf_distill.stages import (
+from hf_distill import DistillationTrainer, DistillationTrainingArguments
+from hf_distill.recipe_support import stages
+from hf_distill.recipe_support.models import load_model, resolve_model_path
+from hf_distill.recipe_support.stages import (
     claim_output_dir,
     evaluate_model,
     parse_args,
@@ -48,7 +49,11 @@ from hf_distill.stages import (
     teachers_metrics,
     write_comparison,
 )
-from hf_distill.tasks.image_classification import load_image_classification_data, mixup_copies, process_images
+from hf_distill.recipe_support.tasks.image_classification import (
+    load_image_classification_data,
+    mixup_copies,
+    process_images,
+)
 
 logger = logging.get_logger("hf_distill.recipes.image_classification")
 STUDENT_TYPES = ("vit", "deit")

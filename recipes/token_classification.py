@@ -29,9 +29,9 @@ from transformers import (
 )
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.metrics import make_token_classification_compute_metrics
-from hf_distill.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model_path
-from hf_distill.stages import (
+from hf_distill.recipe_support.metrics import make_token_classification_compute_metrics
+from hf_distill.recipe_support.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model_path
+from hf_distill.recipe_support.stages import (
     RecipeArguments,
     TeacherStudentArguments,
     claim_output_dir,
@@ -42,7 +42,7 @@ from hf_distill.stages import (
     run_record,
     write_comparison,
 )
-from hf_distill.tasks.token_classification import (
+from hf_distill.recipe_support.tasks.token_classification import (
     load_token_classification_data,
     read_transfer_sentences,
     tokenize_and_align_labels,

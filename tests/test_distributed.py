@@ -334,7 +334,7 @@ def test_glue_recipe_under_two_processes(ddp):
 def glue_accuracy(model, tokenizer_dir) -> float:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from hf_distill.glue import load_glue_data, tokenize_glue
+    from hf_distill.recipe_support.glue import load_glue_data, tokenize_glue
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw = load_glue_data("sst2", validation_file=os.path.join(FIXTURES, "sst2", "validation.tsv"))
@@ -373,8 +373,11 @@ def test_ner_recipe_under_two_processes(ddp):
     """The per-token cache and its padding collator under DDP; the main process alone reports, on all sentences."""
     from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
-    from hf_distill.metrics import SeqevalMetric
-    from hf_distill.tasks.token_classification import load_token_classification_data, tokenize_and_align_labels
+    from hf_distill.recipe_support.metrics import SeqevalMetric
+    from hf_distill.recipe_support.tasks.token_classification import (
+        load_token_classification_data,
+        tokenize_and_align_labels,
+    )
 
     main, other = ddp.results("ner_recipe")
     assert main["calls"] == {"write_comparison": 1}

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Value
 
-from hf_distill import glue
-from hf_distill.glue import GLUE_TASKS, get_task, load_glue_data, tokenize_glue
+from hf_distill.recipe_support import glue
+from hf_distill.recipe_support.glue import GLUE_TASKS, get_task, load_glue_data, tokenize_glue
 
 FIXTURES = Path(__file__).parent / "fixtures" / "glue"
 

@@ -21,7 +21,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from hf_distill.tasks.image_classification import arrays_dataset, mixup_copies, process_images
+from hf_distill.recipe_support.tasks.image_classification import arrays_dataset, mixup_copies, process_images
 
 sys.path.insert(0, os.path.join(REPO, "recipes"))
 import image_classification as recipe  # noqa: E402

@@ -5,8 +5,12 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from hf_distill.metrics import SEQEVAL_METRIC_PATH, SeqevalMetric, make_token_classification_compute_metrics
-from hf_distill.metrics.seqeval import extract_entities
+from hf_distill.recipe_support.metrics import (
+    SEQEVAL_METRIC_PATH,
+    SeqevalMetric,
+    make_token_classification_compute_metrics,
+)
+from hf_distill.recipe_support.metrics.seqeval import extract_entities
 
 
 def test_entities_follow_seqeval_rules():

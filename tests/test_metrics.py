@@ -9,7 +9,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from transformers import EvalPrediction
 
-from hf_distill.metrics import GLUE_METRIC_PATH, GlueMetric, make_compute_metrics
+from hf_distill.recipe_support.metrics import GLUE_METRIC_PATH, GlueMetric, make_compute_metrics
 
 # Confusion counts of the binary example below: TP=3 (rows 0, 3, 5), FP=1 (row 2), FN=1 (row 4), TN=1 (row 1).
 BINARY_PREDICTIONS = [1, 0, 1, 1, 0, 1]
@@ -90,7 +90,7 @@ def test_bad_inputs():
 def test_loads_offline_from_an_empty_modules_cache(tmp_path):
     # A fresh interpreter, so evaluate reads the offline flags and the empty cache folders at import.
     script = (
-        "import evaluate; from hf_distill.metrics import GLUE_METRIC_PATH; "
+        "import evaluate; from hf_distill.recipe_support.metrics import GLUE_METRIC_PATH; "
         "print(evaluate.load(GLUE_METRIC_PATH, 'sst2').compute(predictions=[1, 0, 1], references=[1, 1, 1]))"
     )
     env = {

@@ -159,7 +159,7 @@ def test_push_failure_keeps_the_local_output_and_hides_the_token(tmp_path, monke
         def create_repo(self, *args, **kwargs):
             raise ConnectionError(f"cannot reach huggingface.co with {self.token}")
 
-    monkeypatch.setattr("hf_distill.stages.HfApi", UnreachableHub)
+    monkeypatch.setattr("hf_distill.recipe_support.stages.HfApi", UnreachableHub)
     teacher = save_teacher(str(tmp_path / "teacher"), 2)
     output_dir = str(tmp_path / "run")
     args = recipe_args("sst2", teacher, output_dir, "--baseline", "false", "--max_train_samples", "32")

@@ -13,7 +13,7 @@ from scipy.special import log_softmax
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_distill.cache
-import hf_distill.tasks.sequence_kd
+import hf_distill.recipe_support.tasks.sequence_kd
 
 BLOCK = 32
 
@@ -141,8 +141,8 @@ def test_teacher_generations_are_the_teachers_greedy_continuations_and_are_cache
     args = lm_recipe_args(teacher_dir, output_dir, "--teacher_generations", "true", "--generation_prompt_tokens",
                           "8", "--max_generation_prompts", "4", "--baseline", "false")
     calls = []
-    original = hf_distill.tasks.sequence_kd.generate_continuations
-    monkeypatch.setattr(hf_distill.tasks.sequence_kd, "generate_continuations",
+    original = hf_distill.recipe_support.tasks.sequence_kd.generate_continuations
+    monkeypatch.setattr(hf_distill.recipe_support.tasks.sequence_kd, "generate_continuations",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     lm_recipe.main(args)
     generations = [name for name in os.listdir(output_dir + "_cache") if name.startswith("teacher_generations-")]

@@ -104,7 +104,7 @@ def test_predictions_come_in_dataset_order_under_group_by_length(tmp_path):
     from conftest import logits_of, make_args, toy_dataset
     from transformers import DataCollatorWithPadding
 
-    from hf_distill.stages import predict_model
+    from hf_distill.recipe_support.stages import predict_model
 
     dataset, teacher = toy_dataset(40, num_labels=2, max_length=30), tiny_bert(num_labels=2, seed=3)
     args = make_args(tmp_path, train_sampling_strategy="group_by_length", per_device_eval_batch_size=8, seed=5)

@@ -451,7 +451,7 @@ def write_module(folder, name, source):
     ],
 )
 def test_pypi_prefix_imports_only_model_packages(tmp_path, monkeypatch, name, message):
-    from hf_distill.models import resolve_model_path
+    from hf_distill.recipe_support.models import resolve_model_path
 
     marker = tmp_path / "imported"
     write_module(tmp_path, "hf_distill_probe_no_entry", f"open({str(marker)!r}, 'w').close()\n")
@@ -462,7 +462,7 @@ def test_pypi_prefix_imports_only_model_packages(tmp_path, monkeypatch, name, me
 
 
 def test_pypi_prefix_resolves_a_model_package(tmp_path, monkeypatch):
-    from hf_distill.models import resolve_model_path
+    from hf_distill.recipe_support.models import resolve_model_path
 
     (tmp_path / "model").mkdir()
     write_module(

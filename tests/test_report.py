@@ -6,7 +6,7 @@ import pytest
 from conftest import toy_dataset
 from transformers import DataCollatorWithPadding
 
-from hf_distill.report import (
+from hf_distill.recipe_support.report import (
     ReportRow,
     build_report,
     compare_throughput,
@@ -96,7 +96,7 @@ def test_measure_latency(student, tokenizer):
 
 
 def test_compare_throughput_keeps_each_models_fastest_round(student, teacher, tokenizer, monkeypatch):
-    import hf_distill.report as report
+    import hf_distill.recipe_support.report as report
 
     collator = DataCollatorWithPadding(tokenizer)
     dataset = toy_dataset(6)

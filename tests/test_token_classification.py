@@ -10,8 +10,11 @@ from conftest import NER_FIXTURES, ner_recipe, ner_recipe_args, save_ner_teacher
 from huggingface_hub import ModelCard
 from transformers import AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification
 
-from hf_distill.metrics import SeqevalMetric
-from hf_distill.tasks.token_classification import load_token_classification_data, tokenize_and_align_labels
+from hf_distill.recipe_support.metrics import SeqevalMetric
+from hf_distill.recipe_support.tasks.token_classification import (
+    load_token_classification_data,
+    tokenize_and_align_labels,
+)
 
 NER_TAGS = ["O", "B-LOC", "B-MISC", "B-ORG", "B-PER", "I-LOC", "I-MISC", "I-ORG", "I-PER"]  # sorted, "O" first
 

@@ -81,7 +81,7 @@ def measure_latency(
     if not input_names:
         raise ValueError(
             f"No column of the dataset ({sorted(dataset[0].keys())}) is an input of {type(model).__name__}.forward. "
-            "Tokenize the dataset first (see `hf_distill.glue.tokenize_glue`)."
+            "Tokenize the dataset first (see `hf_distill.recipe_support.glue.tokenize_glue`)."
         )
 
     num_batches = math.ceil(len(dataset) / batch_size)

@@ -13,7 +13,7 @@ from itertools import chain
 import torch
 from datasets import DatasetDict, load_dataset
 
-from ..cache import tokenizer_digest
+from ...cache import tokenizer_digest
 
 TEXT_SUFFIXES = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json"}
 

@@ -18,7 +18,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from datasets.config import HF_DATASETS_CACHE
 from tqdm.auto import tqdm
 
-from ..cache import tokenizer_digest, weights_digest, write_folder_atomically
+from ...cache import tokenizer_digest, weights_digest, write_folder_atomically
 
 GENERATIONS_FORMAT_VERSION = 1
 

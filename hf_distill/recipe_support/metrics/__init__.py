@@ -4,7 +4,7 @@ Task metrics as `evaluate` modules shipped in the package, so they work offline.
 Each metric is one self-contained `evaluate.Metric` script in this folder (`glue.py`), usable in two ways:
 
     import evaluate
-    from hf_distill.metrics import GLUE_METRIC_PATH, GlueMetric
+    from hf_distill.recipe_support.metrics import GLUE_METRIC_PATH, GlueMetric
 
     glue = evaluate.load(GLUE_METRIC_PATH, "mrpc")  # how `evaluate` loads any local module
     glue = GlueMetric("mrpc")                        # the same metric, imported

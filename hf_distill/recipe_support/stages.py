@@ -14,10 +14,10 @@ from huggingface_hub import HfApi
 from transformers import EvalPrediction, HfArgumentParser, Trainer
 from transformers.utils import logging
 
-from .losses import ensemble_logits
+from ..losses import ensemble_logits
+from ..student_init import init_student_from_teacher
 from .models import load_model
 from .report import build_report, combined_row, compare_throughput, model_row, write_report
-from .student_init import init_student_from_teacher
 
 logger = logging.get_logger(__name__)
 RUN_RECORD = "hf_distill_run.json"

@@ -24,7 +24,7 @@ class GlueTask:
         text_columns: the one or two text columns fed to the tokenizer, in order.
         label_names: class names indexed by label id; `()` for the regression task (stsb).
         is_regression: whether the label is a float score (stsb) rather than a class id.
-        metric_names: the metrics reported for the task, as returned by `hf_distill.metrics.GlueMetric`.
+        metric_names: the metrics reported for the task, as returned by `hf_distill.recipe_support.metrics.GlueMetric`.
         main_metric: the single "task metric" used to compare models.
         eval_splits: the evaluation split names (`("validation",)`; mnli has matched and mismatched).
     """

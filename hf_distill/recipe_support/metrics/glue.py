@@ -16,7 +16,7 @@ import evaluate
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from hf_distill.glue import GLUE_TASKS, get_task
+from hf_distill.recipe_support.glue import GLUE_TASKS, get_task
 
 _DESCRIPTION = "GLUE task metrics (Wang et al., 2019), computed with scikit-learn and scipy."
 

@@ -13,7 +13,7 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .cache import tokenizer_digest
+from ..cache import tokenizer_digest
 from .glue import GlueTask
 
 logger = logging.get_logger(__name__)
