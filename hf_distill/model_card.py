@@ -13,6 +13,11 @@ import re
 from collections.abc import Iterable, Mapping
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from torch import nn
+
+from .arguments import ALIGNMENT_WEIGHTS, DistillationTrainingArguments
+from .heads import TOPK, DistillationHead
+from .teacher import model_config
 
 BASE_TAGS = ("distillation", "knowledge-distillation", "hf_distill")
 # The auto class that loads a student of each pipeline, for the card's usage snippet.
@@ -46,6 +51,58 @@ _NON_METRIC_KEYS = {"loss", "runtime", "samples_per_second", "steps_per_second",
 _SECRET_KEY = re.compile(r"(^|_)(token|password|secret|api_key|apikey|credentials?)$", re.IGNORECASE)
 _TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+#: Pipelines whose card names the labels (`id2label`).
+LABELLED_PIPELINES = ("text-classification", "token-classification", "image-classification")
+
+
+def distillation_settings(args: DistillationTrainingArguments, head: DistillationHead, distillation_loss: str,
+                          teacher_names: list[str], layer_map: dict[int, int], student_config, cached: bool,
+                          top_k: int) -> dict:
+    """The card's `distillation` metadata: head, temperatures, alpha, losses and weights, layer map, student
+    initialisation and the teacher's cache settings (`cached`: the train set holds the teacher's outputs)."""
+    settings = {
+        "head": head.name,
+        "temperature": args.temperature,
+        "student_temperature": args.student_temperature,
+        "alpha": args.alpha,
+        "distillation_loss": distillation_loss,
+    }
+    if distillation_loss == "jsd":
+        settings["jsd_beta"] = args.jsd_beta
+    if len(teacher_names) > 1:
+        settings["teachers"] = teacher_names
+        settings["teacher_weights"] = args.teacher_weights or [1.0] * len(teacher_names)
+        settings["teacher_ensemble"] = args.teacher_ensemble
+    settings["loss_weights"] = {
+        name: getattr(args, name) for name in ("logits_loss_weight", *ALIGNMENT_WEIGHTS) if getattr(args, name)
+    }
+    if layer_map:
+        settings["layer_map"] = layer_map
+    settings.update(num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate)
+    init_layers = getattr(student_config, "hf_distill_init_layers", None)
+    if init_layers is not None:
+        settings["student_init"] = {"from_teacher_layers": init_layers}
+    outputs = settings["teacher_outputs"] = {"cached": cached, "layout": head.cache_layout}
+    if cached:
+        outputs["dtype"] = args.teacher_cache_dtype
+        if args.teacher_cache_bf16:
+            outputs["teacher_autocast"] = "bfloat16"
+    if head.cache_layout == TOPK and (cached or args.online_top_k):
+        outputs.update(top_k=top_k, topk_tail=args.topk_tail)
+        if args.sparse_target != "top_k":
+            outputs["sparse_target"] = args.sparse_target
+    return settings
+
+
+def teacher_names(teacher_models: dict[str, nn.Module]) -> str | list[str]:
+    """The card's name of the teacher (its `name_or_path`), or of each of several."""
+    names = [
+        getattr(model_config(model), "_name_or_path", None) or f"teacher {name}".strip()
+        for name, model in teacher_models.items()
+    ] or ["an unnamed teacher"]
+    return names[0] if len(names) == 1 else names
 
 
 def build_model_card(

@@ -144,6 +144,27 @@ def _place_with_fsdp(teacher: nn.Module, fsdp_plugin, accelerator: Accelerator) 
     return wrapped.eval()
 
 
+def check_teacher_set(teachers: dict[str, nn.Module], head: DistillationHead, args) -> None:
+    """Refuse, before any work, what several teachers cannot do."""
+    if args.teacher_weights is not None and len(args.teacher_weights) != len(teachers):
+        raise ValueError(
+            f"teacher_weights has {len(args.teacher_weights)} weights for {len(teachers)} teacher(s): give one "
+            "weight per teacher, in the order of teacher_model."
+        )
+    if len(teachers) < 2:
+        return
+    if head.cache_layout == TOPK:
+        raise ValueError(
+            f"Several teachers are supported for heads with dense or per-token outputs, not for the {head.name} "
+            "head's top-k targets: distil from one teacher."
+        )
+    if args.uses_alignment:
+        raise ValueError(
+            "Intermediate-layer losses pair the student's layers with one teacher's: with several teachers, set the "
+            "alignment weights to 0."
+        )
+
+
 def check_teacher_has_logits(teacher: nn.Module) -> None:
     """Refuse a bare encoder as teacher: its outputs have no `.logits` to distil."""
     base = teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher

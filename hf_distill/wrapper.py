@@ -5,9 +5,11 @@ that DDP, DeepSpeed and FSDP own the projections like any student parameter: the
 gradients are synchronised, and they are checkpointed. `DistillationTrainer` exports the student alone.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
@@ -60,3 +62,23 @@ class DistillWrapper(nn.Module):
         return DistillWrapperOutput(
             logits=outputs.logits, hidden_states=hidden_states, attentions=outputs.attentions or None
         )
+
+    def save_projections(self, checkpoint_dir: str) -> None:
+        """Write the projections to `<checkpoint_dir>/_distill_projections.safetensors` (the student is saved by
+        `Trainer`)."""
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        state = {name: value.detach().contiguous() for name, value in self.projections.state_dict().items()}
+        save_file(state, os.path.join(checkpoint_dir, PROJECTIONS_FILE))
+
+    def load_projections(self, checkpoint_dir: str) -> None:
+        """Read back what `save_projections` wrote; a checkpoint without it is refused (resuming would restart the
+        projections from scratch)."""
+        path = os.path.join(checkpoint_dir, PROJECTIONS_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"The checkpoint {checkpoint_dir} has no {PROJECTIONS_FILE}: its save was interrupted, or it was not "
+                "written by a DistillationTrainer with the same width projections, so resuming would restart them "
+                "from scratch. Resume from an earlier, complete checkpoint of this run (resume_from_checkpoint=True "
+                "finds it), or start a new run."
+            )
+        self.projections.load_state_dict(load_file(path, device=str(next(self.parameters()).device)))

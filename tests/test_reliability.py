@@ -266,21 +266,21 @@ def test_resume_after_a_kill_during_checkpointing(tmp_path, tokenizer, monkeypat
     from transformers.testing_utils import CaptureLogger
 
     import hf_distill.checkpoints as checkpoints_module
-    import hf_distill.trainer as trainer_module
+    import hf_distill.wrapper as wrapper_module
 
     reference = projection_run(tmp_path / "reference", tokenizer)
     reference.train()
 
     trainer = projection_run(tmp_path, tokenizer)
     if killed_in == "projections":
-        save_file = trainer_module.save_file
+        save_file = wrapper_module.save_file
 
         def killing_save_file(tensors, path, *args, **kwargs):
             if f"checkpoint-4{os.sep}" in path:
                 raise SimulatedKill
             return save_file(tensors, path, *args, **kwargs)
 
-        monkeypatch.setattr(trainer_module, "save_file", killing_save_file)
+        monkeypatch.setattr(wrapper_module, "save_file", killing_save_file)
     else:
         save_rng_state = Trainer._save_rng_state
 
