@@ -73,7 +73,7 @@ def test_the_loss_adds_weighted_alignment_terms_to_the_logit_loss(tmp_path):
     embedding = reference_masked_mse(s.hidden_states[0], t.hidden_states[0], mask)
     expected = 0.7 * (0.3 * kd + 0.7 * ce) + 2.0 * hidden + 5.0 * attention + 0.5 * embedding
     assert loss == pytest.approx(expected, rel=1e-4)
-    recorded = {name: float(value) for name, value in trainer._term_sums["eval"].items()}
+    recorded = {name: float(value) for name, value in trainer._terms["eval"].sums.items()}
     assert recorded["loss_hidden"] == pytest.approx(hidden, rel=1e-4)
     assert recorded["loss_attention"] == pytest.approx(attention, rel=1e-4)
     assert recorded["loss_embedding"] == pytest.approx(embedding, rel=1e-4)
