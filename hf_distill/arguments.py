@@ -118,6 +118,12 @@ class DistillationTrainingArguments(TrainingArguments):
             With the teacher online on vocabulary-sized outputs, distil on the top-k target a cache would hold
             (`teacher_cache_top_k`, `topk_tail`) instead of the teacher's full distribution: online and cached runs
             train on the same loss, and the loss costs a few full-vocabulary passes less (benchmarks/README.md).
+        fused_vocabulary_loss (`bool`, defaults to `True`):
+            Vocabulary-sized outputs (causal and seq2seq LMs): compute the loss from the last hidden states and
+            the output layer, a chunk of rows at a time, so the `(tokens, vocabulary)` logits of the student and
+            of an online teacher never exist (`hf_distill.fused_vocabulary`). Same values as the unfused loss; an
+            output layer that is not recognised, FSDP / DeepSpeed ZeRO (sharded output layers) and evaluation
+            with `compute_metrics` (which needs the logits) use the unfused loss.
         sparse_target (`str`, defaults to `"top_k"`):
             Which `teacher_cache_top_k` classes per token a vocabulary-sized target keeps (cached, or online with
             `online_top_k`): `"top_k"`, the most likely ones and the probability of the rest; `"sampled"`, the
@@ -237,6 +243,11 @@ class DistillationTrainingArguments(TrainingArguments):
     online_top_k: bool = field(
         default=False,
         metadata={"help": "Online teacher on vocabulary-sized outputs: distil on its top-k target, as a cache would."},
+    )
+    fused_vocabulary_loss: bool = field(
+        default=True,
+        metadata={"help": "Vocabulary-sized outputs: compute the loss from hidden states and the output layer in "
+                          "chunks, never holding the (tokens, vocabulary) logits of student or online teacher."},
     )
     sparse_target: str = field(
         default="top_k",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arguments import DistillationTrainingArguments
+from .fused_vocabulary import ProjectedRows, chunk_rows, fused_vocabulary_loss
 from .heads import TOPK, DistillationHead, TopKTarget, Units
 from .losses import (
     chunked_per_row,
@@ -105,8 +106,10 @@ class DistillationObjective:
     """
 
     def __init__(self, head: DistillationHead, args: DistillationTrainingArguments, distillation_loss: str,
-                 top_k: int):
+                 top_k: int, check_teacher_chunk=None):
         self.head, self.args, self.distillation_loss, self.top_k = head, args, distillation_loss, top_k
+        #: Called with each chunk of an online teacher's logits projected inside the fused loss (a finiteness check).
+        self.check_teacher_chunk = check_teacher_chunk
 
     def __call__(self, student_outputs, student_views: list, views_by_teacher: dict[str, list], units: Units,
                  inputs: dict, sample_weight: torch.Tensor | None = None, alignment_terms: dict | None = None,
@@ -127,6 +130,10 @@ class DistillationObjective:
         args = self.args
         teacher_views = self.target_views(views_by_teacher)
         row_weight = units.row_weights(sample_weight)
+        if isinstance(student_views[0], ProjectedRows):
+            return self._fused_vocabulary_loss(student_views[0], teacher_views[0], units, row_weight, step_totals,
+                                               evaluating)
+        teacher_views = [view.logits() if isinstance(view, ProjectedRows) else view for view in teacher_views]
         if self.head.cache_layout == TOPK:  # one vocabulary-sized view: one student log-softmax for both terms
             loss_kd_rows, loss_ce_rows, labelled_rows = self.vocabulary_rows(student_views[0], teacher_views[0], units)
         else:
@@ -151,6 +158,35 @@ class DistillationObjective:
                     terms[f"teacher_agreement_{name}"] = _agreement(student_views, views, row_weight)
         return StepLoss(loss, terms)
 
+    def _fused_vocabulary_loss(self, student: ProjectedRows, target, units: Units, row_weight: torch.Tensor,
+                               step_totals: torch.Tensor | None, evaluating: bool) -> StepLoss:
+        """The vocabulary head's loss from the student's hidden states and output layer (`fused_vocabulary`): the
+        same total and terms as the unfused path, without `(rows, vocabulary)` logits."""
+        args = self.args
+        labelled_rows, label_targets = self._label_targets(units)
+        kd_weight, ce_weight = row_weight.sum(), (row_weight * labelled_rows).sum()
+        kd_total, ce_total, _ = _normalisers(kd_weight, ce_weight, units, step_totals)
+        kd_weights = args.logits_loss_weight * args.alpha * row_weight / kd_total
+        ce_weights = args.logits_loss_weight * (1.0 - args.alpha) * row_weight * labelled_rows / ce_total
+        teacher_top = []
+
+        def on_teacher_chunk(chunk):
+            if self.check_teacher_chunk is not None and isinstance(target, ProjectedRows):
+                self.check_teacher_chunk(chunk)
+            if evaluating:
+                teacher_top.append(chunk.ids[:, 0] if isinstance(chunk, TopKTarget) else chunk.argmax(-1))
+
+        loss, kd_rows, ce_rows, student_top = fused_vocabulary_loss(
+            student, target, label_targets, kd_weights, ce_weights, self._vocabulary_row_function(target),
+            on_teacher_chunk=on_teacher_chunk,
+        )
+        terms = {"loss_kd": ((row_weight * kd_rows).sum(), kd_weight),
+                 "loss_ce": ((row_weight * labelled_rows * ce_rows).sum(), ce_weight)}
+        if evaluating:
+            agreed = (student_top == torch.cat(teacher_top)).float()
+            terms["teacher_agreement"] = ((agreed * row_weight).sum(), row_weight.sum())
+        return StepLoss(loss, terms)
+
     def target_views(self, views_by_teacher: dict[str, list]) -> list:
         """One target per view: the teacher's, or the mixture of several (`args.teacher_ensemble`), made sparse by
         `online_top_k`."""
@@ -162,7 +198,12 @@ class DistillationObjective:
             mode = "mean_logits" if self.distillation_loss == "mse" else args.teacher_ensemble
             views = [ensemble_logits(list(per_view), weights, args.temperature, mode)
                      for per_view in zip(*views_by_teacher.values())]
-        if args.online_top_k and not isinstance(views[0], TopKTarget):
+        if args.online_top_k and isinstance(views[0], ProjectedRows):  # the teacher's top k, chunk by chunk
+            rows, step = views[0].hidden.shape[0], chunk_rows(views[0].layer.weight.shape[0])
+            parts = [sparse_target(views[0].logits(start, start + step), args.sparse_target, self.top_k,
+                                   args.temperature) for start in range(0, rows, step)]
+            views = [TopKTarget(*(torch.cat(fields) for fields in zip(*parts)))]
+        elif args.online_top_k and not isinstance(views[0], TopKTarget):
             views = [TopKTarget(*sparse_target(views[0], args.sparse_target, self.top_k, args.temperature))]
         return views
 
@@ -170,25 +211,33 @@ class DistillationObjective:
         """Distillation and label loss per row `(rows,)` of vocabulary-sized logits against a top-k target (cached)
         or the teacher's logits (online), with one student log-softmax for both when the student's temperature is
         1; and which rows are labelled."""
-        args = self.args
+        labelled_rows, label_targets = self._label_targets(units)
+        teacher = (target.ids, target.log_probs, target.rest_probs) if isinstance(target, TopKTarget) else (target,)
+        both = chunked_per_row(self._vocabulary_row_function(target), student_logits, label_targets, *teacher,
+                               chunk_size=_chunk_rows(student_logits))
+        return both[:, 0], both[:, 1], labelled_rows
+
+    @staticmethod
+    def _label_targets(units: Units) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(labelled (rows,) float, next-token targets (rows,), -100 where unlabelled)` over the `kd` rows."""
         labelled_rows = units.labelled[units.kd].float()
         if units.label_targets is None:
-            label_targets = torch.full(labelled_rows.shape, -100, dtype=torch.long, device=labelled_rows.device)
-        else:
-            label_targets = units.label_targets[units.kd]
-        chunk_size = _chunk_rows(student_logits)
-        if not isinstance(target, TopKTarget) and self.distillation_loss == "kl":
-            def fused(logits, targets, teacher_logits):
-                kd, ce = forward_kl_and_cross_entropy_per_row(logits, teacher_logits, targets, args.temperature,
-                                                              args.student_temperature)
-                return torch.stack([kd, ce], dim=-1)
+            return labelled_rows, torch.full(labelled_rows.shape, -100, dtype=torch.long, device=labelled_rows.device)
+        return labelled_rows, units.label_targets[units.kd]
 
-            both = chunked_per_row(fused, student_logits, label_targets, target, chunk_size=chunk_size)
-            return both[:, 0], both[:, 1], labelled_rows
-        teacher = (target.ids, target.log_probs, target.rest_probs) if isinstance(target, TopKTarget) else (target,)
-        both = chunked_per_row(self._vocabulary_row_terms, student_logits, label_targets, *teacher,
-                               chunk_size=chunk_size)
-        return both[:, 0], both[:, 1], labelled_rows
+    def _vocabulary_row_function(self, target):
+        """`(logits, targets, *teacher) -> (rows, 2)` divergence and label loss of vocabulary rows: forward KL to
+        dense logits with its gradient written out, or the general expression."""
+        args = self.args
+        if isinstance(target, TopKTarget) or self.distillation_loss != "kl":
+            return self._vocabulary_row_terms
+
+        def forward_kl_and_cross_entropy(logits, targets, teacher_logits):
+            kd, ce = forward_kl_and_cross_entropy_per_row(logits, teacher_logits, targets, args.temperature,
+                                                          args.student_temperature)
+            return torch.stack([kd, ce], dim=-1)
+
+        return forward_kl_and_cross_entropy
 
     def _vocabulary_row_terms(self, logits: torch.Tensor, targets: torch.Tensor, *teacher) -> torch.Tensor:
         """`(rows, 2)`: the divergence (× T·Ts) and the label cross-entropy (0 where unlabelled) of a row chunk."""

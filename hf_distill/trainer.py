@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import datasets
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -15,6 +16,7 @@ from .arguments import DistillationTrainingArguments
 from .cache import cache_teacher_logits, check_teacher_columns, distribution_width
 from .checkpoints import last_complete_checkpoint
 from .collator import TeacherColumnsCollator
+from .fused_vocabulary import FusedForward
 from .heads import DENSE, TOPK, DistillationHead, Units, head_for
 from .layer_alignment import LayerAlignment
 from .model_card import LABELLED_PIPELINES, build_model_card, distillation_settings, teacher_names
@@ -153,7 +155,10 @@ class DistillationTrainer(Trainer):
         self._top_k = min(args.teacher_cache_top_k, self._num_classes)
         self.teacher_columns = TeacherColumns(args.teacher_logits_column, self._teacher_names, self.head.cache_layout)
         self.distillation_loss = resolve_distillation_loss(self.head, model_config(model), args.distillation_loss)
-        self.objective = DistillationObjective(self.head, args, self.distillation_loss, self._top_k)
+        self.objective = DistillationObjective(
+            self.head, args, self.distillation_loss, self._top_k,
+            lambda logits: check_teacher_logits_finite(logits, self.teacher_model),
+        )
         if args.uses_alignment:
             self.alignment = LayerAlignment(model, self.teacher_models[self._teacher_names[0]], args)
             model = self.alignment.student
@@ -186,8 +191,27 @@ class DistillationTrainer(Trainer):
                 getattr(tokenizer, "padding_side", "right") or "right",
             )
         self._terms = {"train": TermLog(), "eval": TermLog()}
+        #: The fused vocabulary loss of each model (`"student"`, teacher names) where it applies.
+        self._fused = self._fused_forwards(args)
         self._step_totals = None
         self._keep_all_logits = False
+
+    def _fused_forwards(self, args: DistillationTrainingArguments) -> dict[str, FusedForward]:
+        if not args.fused_vocabulary_loss or self.head.cache_layout != TOPK or self.alignment is not None:
+            return {}
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            logger.info(f"Under {self.accelerator.distributed_type} the output layers are sharded outside their "
+                        "forward: the vocabulary loss is not fused.")
+            return {}
+        fused = {"student": FusedForward("student", base_model(self.student), self.head.num_classes)}
+        for name, teacher in self.teacher_models.items():
+            fused[name] = FusedForward(f"teacher {name}".strip(), base_model(teacher), self.head.num_classes)
+        return fused
+
+    @property
+    def vocabulary_loss_paths(self) -> dict[str, str]:
+        """How each model's vocabulary loss runs: `"fused"`, `"unfused"`, or `"unverified"` before the first step."""
+        return {key: fused.path for key, fused in self._fused.items()}
 
     @property
     def teacher_model(self) -> nn.Module | None:
@@ -287,6 +311,28 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             return teacher(**self.head.teacher_inputs(inputs), **keep, **output_flags)
 
+    def _fused_forward(self, key: str, module: nn.Module, forward, batch: dict, units: Units):
+        """`(outputs, ProjectedRows or None)`: `forward(batch)` of model `key` (`"student"` or a teacher's name), run
+        for the fused vocabulary loss where it applies (`FusedForward`)."""
+        fused = self._fused.get(key)
+        if fused is None or self._keep_all_logits:  # compute_metrics needs the logits
+            return forward(batch), None
+        return fused(module, forward, batch, units)
+
+    def _online_teacher_views(self, inputs: dict, units: Units, name: str):
+        """`(outputs, ProjectedRows or None)` of teacher `name` on the batch (`_fused_forward`)."""
+        if not self.teacher_models:
+            return self._online_teacher_outputs(inputs, units, name), None  # raises: no teacher
+        teacher = self._prepared_teacher(name)
+        batch = {**self.head.teacher_inputs(inputs),
+                 **self.head.forward_kwargs(units, self._teacher_keeps_logits[name])}
+
+        def forward(teacher_batch):
+            with torch.no_grad():
+                return teacher(**teacher_batch)
+
+        return self._fused_forward(name, base_model(teacher), forward, batch, units)
+
     def _pop_batch_fields(self, inputs: dict):
         """Take the teacher columns, sample weights and labels out of `inputs` (the student must not see them).
 
@@ -313,26 +359,31 @@ class DistillationTrainer(Trainer):
                 lambda **flags: self._online_teacher_outputs(inputs, **flags),
                 inputs.get("attention_mask"),
             )
-            online = {self._teacher_names[0]: teacher_outputs}
+            online = {self._teacher_names[0]: (teacher_outputs, None)}
+            student_view = None
         else:
             keep = {} if self._keep_all_logits else head.forward_kwargs(units, self._student_keeps_logits)
-            student_outputs = model(**inputs, **keep)
-            online = {name: self._online_teacher_outputs(inputs, units, name)
+            student_outputs, student_view = self._fused_forward(
+                "student", base_model(self.student), lambda batch: model(**batch), {**inputs, **keep}, units)
+            online = {name: self._online_teacher_views(inputs, units, name)
                       for name in self._teacher_names if name not in cached}
             alignment_terms = {}
         views_by_teacher = {}
         for name in self._teacher_names:
             if name in cached:
                 views_by_teacher[name] = head.cached_targets(cached[name], units, inputs)
+            elif online[name][1] is not None:
+                views_by_teacher[name] = [online[name][1]]
             else:
-                views_by_teacher[name] = head.teacher_kd_logits(online[name], units, inputs)
+                views_by_teacher[name] = head.teacher_kd_logits(online[name][0], units, inputs)
                 for view in views_by_teacher[name]:
                     check_teacher_logits_finite(view, self.teacher_models[name])
         step_totals = None
         if mode == "train" and self._step_totals is not None:
             step_totals = self._step_totals / self.accelerator.num_processes
+        student_views = [student_view] if student_view is not None else head.kd_logits(student_outputs, units, inputs)
         step = self.objective(
-            student_outputs, head.kd_logits(student_outputs, units, inputs), views_by_teacher, units, inputs,
+            student_outputs, student_views, views_by_teacher, units, inputs,
             sample_weight, alignment_terms, step_totals, evaluating=mode == "eval",
         )
         for name, (value_sum, count) in step.terms.items():
