@@ -45,6 +45,7 @@ from .teacher import (
     base_model,
     check_compatible,
     check_teacher_logits_finite,
+    check_teacher_placement,
     freeze_teacher,
     model_config,
     named_labels,
@@ -183,6 +184,8 @@ class DistillationTrainer(Trainer):
         )
         if self.head is None:
             return
+        for teacher in self.teacher_models.values():  # placed lazily, but refused before any step
+            check_teacher_placement(teacher, self.accelerator)
         # The losses below are sums divided by the whole optimizer step's counts (get_batch_samples), so Trainer
         # must not divide them by the accumulation steps; the student never needs num_items_in_batch.
         self.loss_is_scaled_for_ga = True
