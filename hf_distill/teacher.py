@@ -5,6 +5,7 @@ compatibility with the student (task head, label space, vocabulary).
 The teacher is never a submodule of the student: it is not in the optimizer, not wrapped in DDP, and never saved.
 """
 
+import contextlib
 import copy
 import re
 
@@ -84,15 +85,19 @@ def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
 
     - DeepSpeed: its own engine, ZeRO stage 0 (replicated) unless the run uses ZeRO-3 (then sharded, so every rank
       must run the teacher on every step), without optimizer or scheduler sections.
-    - FSDP: wrapped with the run's FSDP plugin settings, then eval mode.
+    - FSDP2: sharded with `fully_shard` as accelerate shards the student (the run's plugin: auto-wrap policy, offload,
+      mixed precision, mesh, rank 0's weights under `cpu_ram_efficient_loading`), resharded after each forward
+      unless the plugin keeps parameters gathered (`reshard_after_forward=False`).
+    - FSDP1: wrapped in `FullyShardedDataParallel` with the run's plugin settings.
     - otherwise (single process, DDP, mixed precision): `accelerator.prepare_model(evaluation_mode=True)`, which
       moves it to the device and adds autocast but never wraps it in DDP.
-    The DeepSpeed and FSDP branches follow TRL's `prepare_deepspeed` / `prepare_fsdp` and are untested on GPUs here.
+    A teacher the engine has already wrapped (a `DeepSpeedEngine`, an FSDP module) is kept as it is. The DeepSpeed and
+    FSDP branches follow TRL's `prepare_deepspeed` / `prepare_fsdp`; they are tested on CPU (2 processes, gloo).
     """
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return _place_with_deepspeed(teacher, accelerator.state.deepspeed_plugin)
     if accelerator.distributed_type == DistributedType.FSDP:
-        return _place_with_fsdp(teacher, accelerator.state.fsdp_plugin, accelerator)
+        return _place_with_fsdp(teacher, accelerator)
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
     # prepare_model registers the teacher; Trainer.evaluation_loop prepares the student (autocast included) only
     # while no model is registered, so an evaluate() before train() would otherwise skip mixed precision.
@@ -100,9 +105,71 @@ def place_teacher(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
     return teacher
 
 
+def engine_name(accelerator: Accelerator) -> str:
+    """The run's engine in words, for messages: "DeepSpeed ZeRO-3", "FSDP2", "DDP", "a single-process run"."""
+    distributed_type = accelerator.distributed_type
+    if distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if distributed_type == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    if distributed_type == DistributedType.NO:
+        return "a single-process run"
+    return "DDP"
+
+
+def check_teacher_placement(teacher: nn.Module, accelerator: Accelerator) -> None:
+    """Refuse a teacher that the run's engine cannot place, naming the engine and the fix.
+
+    Refused: a teacher wrapped in `DataParallel` or DDP; parameters on the meta device, except outside the main
+    process under FSDP's `cpu_ram_efficient_loading` (rank 0's weights are sent there); with several processes,
+    parameters spread over devices by a `device_map`, or on a device other than the CPU and the process's own; FSDP1
+    on an indexed CPU device, which its `device_id` check rejects.
+    """
+    engine = engine_name(accelerator)
+    if isinstance(teacher, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError(
+            f"The teacher is wrapped in {type(teacher).__name__}, which {engine} cannot place (a frozen teacher has no "
+            f"gradients to synchronise): pass the bare model, teacher.module; the trainer places it for {engine}."
+        )
+    fsdp_plugin = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    sent_from_rank_0 = fsdp_plugin is not None and fsdp_plugin.cpu_ram_efficient_loading
+    devices = {parameter.device for parameter in teacher.parameters()}
+    if torch.device("meta") in devices and not (sent_from_rank_0 and not accelerator.is_main_process):
+        raise ValueError(
+            f"The teacher's parameters are on the meta device (not loaded), which {engine} cannot place: load its "
+            "weights (from_pretrained, or to_empty() and load_state_dict)"
+            + (" in the main process at least: FSDP sends them to the others." if sent_from_rank_0 else ".")
+        )
+    if accelerator.distributed_type == DistributedType.NO:
+        return  # prepare_model moves a teacher on one device, and keeps one spread by a device_map as it is
+    device_map = set((getattr(teacher, "hf_device_map", None) or {}).values())
+    if len(device_map) > 1:
+        raise ValueError(
+            f"The teacher is spread over the devices {sorted(map(str, device_map))} by its device_map, which {engine} "
+            "cannot shard or replicate: load it without device_map and let the trainer place it, or run in one "
+            "process, which keeps a device_map teacher as it is."
+        )
+    device = accelerator.device
+    foreign = {other for other in devices if other.type not in ("cpu", "meta") and other != device}
+    if foreign:
+        raise ValueError(
+            f"The teacher's parameters are on {sorted(map(str, foreign))} but this {engine} process computes on "
+            f"{device}: load the teacher on the CPU (the trainer moves it) or on {device}."
+        )
+    if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 1 and device.type == "cpu" and device.index is not None:
+        raise ValueError(
+            f"FSDP1 would wrap the teacher with device_id={device}, which it rejects on CPU (it computes on the "
+            "unindexed 'cpu'): set ACCELERATE_TORCH_DEVICE=cpu in the launch environment, or use FSDP2 "
+            "(--fsdp_version 2)."
+        )
+
+
 def _place_with_deepspeed(teacher: nn.Module, deepspeed_plugin) -> nn.Module:
     import deepspeed
 
+    if isinstance(teacher, deepspeed.DeepSpeedEngine):
+        teacher.eval()
+        return teacher
     config = copy.deepcopy(deepspeed_plugin.deepspeed_config)
     for section in ("optimizer", "scheduler"):
         config.pop(section, None)
@@ -119,29 +186,62 @@ def _place_with_deepspeed(teacher: nn.Module, deepspeed_plugin) -> nn.Module:
     else:
         zero["stage"] = 0
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
-    return engine.eval()
+    engine.eval()  # returns None, unlike nn.Module.eval()
+    return engine
 
 
-def _place_with_fsdp(teacher: nn.Module, fsdp_plugin, accelerator: Accelerator) -> nn.Module:
-    from torch.distributed.fsdp import FullyShardedDataParallel
+def _place_with_fsdp(teacher: nn.Module, accelerator: Accelerator) -> nn.Module:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    if isinstance(teacher, FullyShardedDataParallel):
+    if isinstance(teacher, (FullyShardedDataParallel, FSDPModule)):
         return teacher.eval()
-    fsdp_plugin.set_auto_wrap_policy(teacher)
-    wrapped = FullyShardedDataParallel(
-        teacher,
-        sharding_strategy=fsdp_plugin.sharding_strategy,
-        cpu_offload=fsdp_plugin.cpu_offload,
-        auto_wrap_policy=fsdp_plugin.auto_wrap_policy,
-        mixed_precision=fsdp_plugin.mixed_precision_policy,
-        sync_module_states=fsdp_plugin.sync_module_states,
-        backward_prefetch=fsdp_plugin.backward_prefetch,
-        forward_prefetch=fsdp_plugin.forward_prefetch,
-        use_orig_params=fsdp_plugin.use_orig_params,
-        limit_all_gathers=fsdp_plugin.limit_all_gathers,
-        device_id=accelerator.device,
-    )
-    return wrapped.eval()
+    fsdp_plugin = accelerator.state.fsdp_plugin
+    with _auto_wrap_policy_for(teacher, fsdp_plugin):
+        if fsdp_plugin.fsdp_version == 2:
+            from accelerate.utils import fsdp2_prepare_model
+
+            teacher = fsdp2_prepare_model(accelerator, teacher)
+            # accelerate keeps the root and the output layer gathered after forward, for the backward that follows;
+            # a teacher has no backward, so they would stay gathered for the whole run.
+            teacher.set_reshard_after_forward(fsdp_plugin.reshard_after_forward)
+        else:
+            teacher = FullyShardedDataParallel(
+                teacher,
+                sharding_strategy=fsdp_plugin.sharding_strategy or fsdp_plugin.reshard_after_forward,
+                cpu_offload=fsdp_plugin.cpu_offload,
+                auto_wrap_policy=fsdp_plugin.auto_wrap_policy,
+                mixed_precision=fsdp_plugin.mixed_precision_policy,
+                sync_module_states=fsdp_plugin.sync_module_states,
+                param_init_fn=fsdp_plugin.param_init_fn,
+                backward_prefetch=fsdp_plugin.backward_prefetch,
+                forward_prefetch=fsdp_plugin.forward_prefetch,
+                use_orig_params=fsdp_plugin.use_orig_params,
+                limit_all_gathers=fsdp_plugin.limit_all_gathers,
+                device_id=accelerator.device,
+            )
+    return teacher.eval()
+
+
+@contextlib.contextmanager
+def _auto_wrap_policy_for(teacher: nn.Module, fsdp_plugin):
+    """The FSDP plugin's auto-wrap policy bound to `teacher` while it is wrapped; the student's afterwards.
+
+    Wrapping the student bound the policy to the student's layer classes. The teacher gets the same kind of policy
+    bound to its own: the classes the plugin names when the teacher has them, else its `_no_split_modules`.
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    policy, layer_classes = fsdp_plugin.auto_wrap_policy, fsdp_plugin.transformer_cls_names_to_wrap
+    if getattr(policy, "func", None) in (transformer_auto_wrap_policy, size_based_auto_wrap_policy):
+        fsdp_plugin.auto_wrap_policy = policy.func
+    if layer_classes and any(get_module_class_from_name(teacher, name) is None for name in layer_classes):
+        fsdp_plugin.transformer_cls_names_to_wrap = None
+    try:
+        fsdp_plugin.set_auto_wrap_policy(teacher)
+        yield
+    finally:
+        fsdp_plugin.auto_wrap_policy, fsdp_plugin.transformer_cls_names_to_wrap = policy, layer_classes
 
 
 def check_teacher_set(teachers: dict[str, nn.Module], head: DistillationHead, args) -> None:

@@ -25,6 +25,7 @@ from .teacher import (
     base_model,
     check_compatible,
     check_teacher_logits_finite,
+    check_teacher_placement,
     check_teacher_set,
     freeze_teacher,
     model_config,
@@ -171,6 +172,8 @@ class DistillationTrainer(Trainer):
 
     def _adapt_trainer(self, args: DistillationTrainingArguments, tokenizer) -> None:
         """What `Trainer.__init__` set that distillation changes: loss scaling, label names, the collator."""
+        for teacher in self.teacher_models.values():  # placed lazily, but refused before any step
+            check_teacher_placement(teacher, self.accelerator)
         # The losses are sums divided by the whole optimizer step's counts (get_batch_samples), so Trainer must not
         # divide them by the accumulation steps; the student never needs num_items_in_batch.
         self.loss_is_scaled_for_ga = True

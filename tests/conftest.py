@@ -257,13 +257,13 @@ def ner_recipe_args(teacher, output_dir, *extra):
 LM_VOCAB_SIZE = 48
 
 
-def tiny_llama(num_layers=2, seed=0, vocab_size=LM_VOCAB_SIZE, logit_scale=1.0):
-    """A random `LlamaForCausalLM` (hidden 16); `logit_scale` sharpens its next-token distributions."""
+def tiny_llama(num_layers=2, seed=0, vocab_size=LM_VOCAB_SIZE, logit_scale=1.0, hidden_size=16):
+    """A random `LlamaForCausalLM`; `logit_scale` sharpens its next-token distributions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
         eos_token_id=2, tie_word_embeddings=False,
     )
