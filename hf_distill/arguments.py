@@ -66,9 +66,9 @@ class DistillationTrainingArguments(TrainingArguments):
             seeded by `seed` and the step, the same on every process. `0` trains on the dataset only.
         max_new_tokens (`int`, defaults to `128`):
             Most tokens the student generates per prompt (a completion also ends at its first EOS).
-        generation_temperature (`float`, defaults to `1.0`):
+        on_policy_temperature (`float`, defaults to `1.0`):
             Sampling temperature of the completions; `0` decodes greedily.
-        generation_top_p (`float`, defaults to `1.0`):
+        on_policy_top_p (`float`, defaults to `1.0`):
             Nucleus sampling in (0, 1]; `1` samples from the whole distribution.
         prompt_length_column (`str`, defaults to `"prompt_length"`):
             Optional dataset column: how many leading tokens of each example's `input_ids` form its prompt.
@@ -196,10 +196,10 @@ class DistillationTrainingArguments(TrainingArguments):
     max_new_tokens: int = field(
         default=128, metadata={"help": "Most tokens the student generates per prompt on on-policy batches."}
     )
-    generation_temperature: float = field(
+    on_policy_temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature of on-policy completions; 0 decodes greedily."}
     )
-    generation_top_p: float = field(default=1.0, metadata={"help": "Nucleus (top-p) of on-policy sampling."})
+    on_policy_top_p: float = field(default=1.0, metadata={"help": "Nucleus (top-p) of on-policy sampling."})
     prompt_length_column: str = field(
         default="prompt_length",
         metadata={"help": "Optional dataset column: the number of leading tokens of each example that are its prompt."},
@@ -341,9 +341,9 @@ class DistillationTrainingArguments(TrainingArguments):
             )
         _check(0.0 <= self.lmbda <= 1.0, "lmbda", self.lmbda, "in [0, 1]")
         _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
-        _check(math.isfinite(self.generation_temperature) and self.generation_temperature >= 0,
-               "generation_temperature", self.generation_temperature, ">= 0 and finite")
-        _check(0.0 < self.generation_top_p <= 1.0, "generation_top_p", self.generation_top_p, "in (0, 1]")
+        _check(math.isfinite(self.on_policy_temperature) and self.on_policy_temperature >= 0,
+               "on_policy_temperature", self.on_policy_temperature, ">= 0 and finite")
+        _check(0.0 < self.on_policy_top_p <= 1.0, "on_policy_top_p", self.on_policy_top_p, "in (0, 1]")
         _check(self.prompt_tokens is None or self.prompt_tokens >= 1, "prompt_tokens", self.prompt_tokens,
                ">= 1 or None")
         _check(self.teacher_ensemble in TEACHER_ENSEMBLES, "teacher_ensemble", self.teacher_ensemble,

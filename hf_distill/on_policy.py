@@ -133,9 +133,9 @@ class OnPolicyBatches:
 
     def _generation_config(self, eos_token_id) -> GenerationConfig:
         args = self.args
-        if args.generation_temperature > 0:
+        if args.on_policy_temperature > 0:
             # top_k=0: sample from the whole (top-p) distribution, not generate's default top 50.
-            sampling = dict(do_sample=True, temperature=args.generation_temperature, top_p=args.generation_top_p,
+            sampling = dict(do_sample=True, temperature=args.on_policy_temperature, top_p=args.on_policy_top_p,
                             top_k=0)
         else:
             sampling = dict(do_sample=False)

@@ -27,7 +27,7 @@ class PromptCollator(PadCollator):
 
 
 def on_policy_trainer(tmp_path, dataset, **overrides):
-    settings = dict(lmbda=1.0, prompt_tokens=3, max_new_tokens=4, generation_temperature=0.0)
+    settings = dict(lmbda=1.0, prompt_tokens=3, max_new_tokens=4, on_policy_temperature=0.0)
     settings.update(overrides)
     return DistillationTrainer(
         model=tiny_llama(num_layers=1, seed=1), teacher_model=tiny_llama(num_layers=2, seed=2, logit_scale=30.0),
@@ -117,7 +117,7 @@ def test_lmbda_zero_is_todays_training_and_off_policy_steps_are_unchanged_by_gen
 
     def history(name, **overrides):
         trainer = on_policy_trainer(tmp_path / name, dataset, max_steps=3, per_device_train_batch_size=2,
-                                    generation_temperature=1.0, **overrides)
+                                    on_policy_temperature=1.0, **overrides)
         trainer.train()
         return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -140,7 +140,7 @@ def test_lmbda_one_never_reads_the_dataset_continuations(tmp_path):
                                  "labels": [[-100] * len(row) for row in other]})
 
     def history(name, data):
-        trainer = on_policy_trainer(tmp_path / name, data, max_steps=2, generation_temperature=1.0)
+        trainer = on_policy_trainer(tmp_path / name, data, max_steps=2, on_policy_temperature=1.0)
         trainer.train()
         return [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -155,7 +155,7 @@ def test_seeded_runs_repeat_exactly(tmp_path):
 
     def run(name, seed):
         trainer = on_policy_trainer(tmp_path / name, dataset, lmbda=0.5, max_steps=4, per_device_train_batch_size=2,
-                                    generation_temperature=1.0, generation_top_p=0.9, seed=seed)
+                                    on_policy_temperature=1.0, on_policy_top_p=0.9, seed=seed)
         trainer.train()
         return trainer.on_policy.batches, [entry for entry in trainer.state.log_history if "loss" in entry]
 
@@ -197,7 +197,7 @@ def test_generation_runs_in_eval_mode_and_leaves_the_student_training_and_the_rn
 @pytest.mark.parametrize("overrides, match", [
     (dict(lmbda=1.5), r"lmbda=1.5 is invalid: it must be in \[0, 1\]"),
     (dict(max_new_tokens=0), "max_new_tokens=0 is invalid"),
-    (dict(generation_top_p=0.0), "generation_top_p=0.0 is invalid"),
+    (dict(on_policy_top_p=0.0), "on_policy_top_p=0.0 is invalid"),
 ])
 def test_bad_settings_are_refused(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
