@@ -233,3 +233,28 @@ def test_settings_that_cannot_work_are_refused_before_any_step(tmp_path, case, m
         DistillationTrainer(model=student, teacher_model=teacher, args=lm_args(tmp_path, **overrides),
                             train_dataset=dataset, data_collator=PadCollator())
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_lora_student_generates_with_its_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    student = get_peft_model(tiny_llama(num_layers=1, seed=1),
+                             LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    dataset = toy_lm_dataset(4, min_length=6)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=tiny_llama(num_layers=2, seed=2, logit_scale=30.0), train_dataset=dataset,
+        args=lm_args(tmp_path, lmbda=1.0, prompt_tokens=3, max_new_tokens=4, on_policy_temperature=0.0),
+        data_collator=PadCollator(),
+    )
+    trainer.model.train()
+    batch = step_batch(trainer)
+    rows = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    student.eval()
+    completions = [tokens[3:] for tokens in rows]
+    assert completions == [greedy_completion(student, source[:3], 4) for source in dataset["input_ids"]]
+    with student.disable_adapter():  # the adapter changes them: it was on during generation
+        assert completions != [greedy_completion(student, source[:3], 4) for source in dataset["input_ids"]]
+    student.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    expected = reference_divergence(student, trainer.teacher_model, rows, [3] * len(rows), "kl", 2.0, 0.5)
+    np.testing.assert_allclose(float(loss.detach()), 0.5 * expected, rtol=1e-5)
