@@ -23,9 +23,10 @@ from .heads.token import token_mask
 ON_POLICY = "on_policy"
 
 
-def check_on_policy(args: DistillationTrainingArguments, head: DistillationHead, student: nn.Module, teachers: dict,
-                    train_dataset, tokenizer) -> None:
-    """Refuse, before any work, an on-policy setting (`lmbda > 0`) that cannot run."""
+def check_on_policy(args: DistillationTrainingArguments, head: DistillationHead, student: nn.Module, train_dataset,
+                    tokenizer) -> None:
+    """Refuse, before any work, an on-policy setting (`lmbda > 0`) that cannot run (the trainer has refused one
+    without a teacher model)."""
     if args.lmbda == 0:
         return
     if not isinstance(head, CausalLMHead):
@@ -34,9 +35,6 @@ def check_on_policy(args: DistillationTrainingArguments, head: DistillationHead,
     if args.uses_alignment:
         raise ValueError(f"lmbda={args.lmbda} cannot be combined with intermediate-layer losses (hidden/embedding/"
                          "attention/relation weights > 0): set those weights to 0 or lmbda=0.")
-    if not teachers:
-        raise ValueError(f"lmbda={args.lmbda} needs the teacher online to score the student's completions, and a "
-                         "teacher-logit column cannot score new tokens: pass teacher_model=... to DistillationTrainer.")
     if args.fsdp:
         raise ValueError(f"lmbda={args.lmbda} generates with the student, which is not supported under FSDP; use DDP "
                          "or DeepSpeed ZeRO-3.")

@@ -104,6 +104,11 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
                 "the teacher's layers, so they need the teacher online: pass teacher_model=... to DistillationTrainer, "
                 "or set those weights to 0 to distil from cached logits only."
             )
+        if args.lmbda > 0 and teacher_model is None:
+            raise ValueError(
+                f"lmbda={args.lmbda} needs the teacher online to score the student's completions, and a teacher-logit "
+                "column cannot score new tokens: pass teacher_model=... to DistillationTrainer, or set lmbda=0."
+            )
         teachers = named_teachers(teacher_model)
         self._teacher_names = list(teachers) or [""]
         eval_datasets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
@@ -149,7 +154,7 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
             self.head.num_classes = check_compatible(model, teacher, self.head, tokenizer)
         for teacher in teachers.values() or [None]:
             check_distillation_inputs(model, teacher, self.head, args, train_dataset, eval_dataset, tokenizer)
-        check_on_policy(args, self.head, model, teachers, train_dataset, tokenizer)
+        check_on_policy(args, self.head, model, train_dataset, tokenizer)
         self.teacher_models = {name: freeze_teacher(teacher) for name, teacher in teachers.items()}
         #: Classes per distribution; the top-k width is at most this.
         self._num_classes = distribution_width(model_config(model), self.head)
@@ -291,7 +296,8 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
             # The student's forward decides which columns reach the model, not the projections wrapper's.
             signature = inspect.signature(base_model(self.student).forward)
             self._signature_columns = list(signature.parameters) + list({"label", "label_ids", *self.label_names})
-        for column in (*self.teacher_columns.all, self.args.sample_weight_column, self.args.prompt_length_column):
+        prompts = [self.args.prompt_length_column] if self.args.lmbda > 0 else []
+        for column in (*self.teacher_columns.all, self.args.sample_weight_column, *prompts):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 

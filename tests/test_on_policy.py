@@ -74,7 +74,7 @@ def reference_divergence(student, teacher, rows, prompt_lengths, kind, temperatu
 
 
 @pytest.mark.parametrize("kind, lmbda, prompt_source", [
-    ("kl", 1.0, "prompt_tokens"), ("reverse_kl", 1.0, "column"), ("jsd", 0.5, "prompt_tokens"),
+    ("kl", 1.0, "prompt_tokens"), ("reverse_kl", 0.5, "column"), ("jsd", 0.5, "prompt_tokens"),
 ])
 def test_generated_batch_loss_is_the_reference_over_exactly_the_generated_tokens(tmp_path, kind, lmbda,
                                                                                   prompt_source):
@@ -211,6 +211,7 @@ def test_bad_settings_are_refused(tmp_path, overrides, match):
     ("no_prompt", "needs each example's prompt"),
     ("empty_prompt", "holds a prompt of 0 tokens"),
     ("no_teacher", "needs the teacher online"),
+    ("no_teacher_nor_column", "needs the teacher online"),
 ])
 def test_settings_that_cannot_work_are_refused_before_any_step(tmp_path, case, match):
     dataset = toy_lm_dataset(4, min_length=6)
@@ -228,6 +229,8 @@ def test_settings_that_cannot_work_are_refused_before_any_step(tmp_path, case, m
         dataset = dataset.add_column("prompt_length", [0, 2, 2, 2])
     elif case == "no_teacher":
         dataset = cache_teacher_logits(teacher, dataset, cache_dir=str(tmp_path / "cache"), show_progress=False)
+        teacher = None
+    elif case == "no_teacher_nor_column":
         teacher = None
     with pytest.raises(ValueError, match=match):
         DistillationTrainer(model=student, teacher_model=teacher, args=lm_args(tmp_path, **overrides),
