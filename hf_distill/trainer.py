@@ -73,6 +73,9 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
     (`args.use_teacher_cache=True`, the default) or runs the frozen teacher on every batch
     (`use_teacher_cache=False`, non-`datasets` datasets, or any alignment loss on).
 
+    With `args.lmbda > 0` (causal LMs), that share of the training micro-batches is replaced by the student's own
+    completions of their prompts, distilled on the generated tokens only (`hf_distill.on_policy`).
+
     Without a teacher and without teacher columns it is `transformers.Trainer`, unchanged.
 
     Args:
