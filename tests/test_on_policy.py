@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import PadCollator, tiny_bert, tiny_llama, toy_dataset, toy_lm_dataset
+from conftest import LM_VOCAB_SIZE, PadCollator, tiny_bert, tiny_llama, toy_dataset, toy_lm_dataset
 from datasets import Dataset
 from scipy.special import log_softmax
 from test_head_causal_lm import lm_args
@@ -73,14 +73,16 @@ def reference_divergence(student, teacher, rows, prompt_lengths, kind, temperatu
     return np.concatenate(values).mean() * temperature**2
 
 
-@pytest.mark.parametrize("kind, lmbda, prompt_source", [
-    ("kl", 1.0, "prompt_tokens"), ("reverse_kl", 0.5, "column"), ("jsd", 0.5, "prompt_tokens"),
+@pytest.mark.parametrize("kind, lmbda, prompt_source, extra", [
+    ("kl", 1.0, "prompt_tokens", {}), ("reverse_kl", 0.5, "column", {}), ("jsd", 0.5, "prompt_tokens", {}),
+    # An online top-k target as wide as the vocabulary is the teacher's whole distribution.
+    ("kl", 1.0, "prompt_tokens", dict(online_top_k=True, teacher_cache_top_k=LM_VOCAB_SIZE)),
 ])
 def test_generated_batch_loss_is_the_reference_over_exactly_the_generated_tokens(tmp_path, kind, lmbda,
-                                                                                  prompt_source):
+                                                                                  prompt_source, extra):
     dataset = toy_lm_dataset(6, min_length=6, prompt_length=2)
     prompt_lengths = [3] * len(dataset)
-    overrides = dict(distillation_loss=kind, jsd_beta=0.3, lmbda=lmbda, teacher_cache_top_k=4)
+    overrides = {**dict(distillation_loss=kind, jsd_beta=0.3, lmbda=lmbda, teacher_cache_top_k=4), **extra}
     if prompt_source == "column":
         prompt_lengths = [2, 3, 4, 2, 3, 4]
         dataset = dataset.add_column("prompt_length", prompt_lengths)
