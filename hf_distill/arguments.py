@@ -58,6 +58,24 @@ class DistillationTrainingArguments(TrainingArguments):
             Weight of the whole prediction-layer term; `0` trains on the alignment losses only (TinyBERT's
             intermediate stage).
 
+    Parameters that control on-policy distillation (causal LMs; GKD, Agarwal et al. 2024, as TRL's `lmbda`):
+        lmbda (`float`, defaults to `0.0`):
+            Probability in [0, 1] that a training micro-batch is trained on the student's own completions of its
+            prompts instead of the dataset's continuations: the online teacher scores prompt + completion and the
+            divergence counts the generated tokens only (the label term is off on those batches). The draw is
+            seeded by `seed` and the step, the same on every process. `0` trains on the dataset only.
+        max_new_tokens (`int`, defaults to `128`):
+            Most tokens the student generates per prompt (a completion also ends at its first EOS).
+        on_policy_temperature (`float`, defaults to `1.0`):
+            Sampling temperature of the completions; `0` decodes greedily.
+        on_policy_top_p (`float`, defaults to `1.0`):
+            Nucleus sampling in (0, 1]; `1` samples from the whole distribution.
+        prompt_length_column (`str`, defaults to `"prompt_length"`):
+            Optional dataset column: how many leading tokens of each example's `input_ids` form its prompt.
+        prompt_tokens (`int` or `None`, defaults to `None`):
+            For plain text without that column: the first `prompt_tokens` tokens of each training block are its
+            prompt.
+
     Parameters that control several teachers (`teacher_model` a list or a dict):
         teacher_weights (`list[float]` or `None`, defaults to `None`):
             One weight per teacher, in the order given; `None` weighs them equally.
@@ -168,6 +186,27 @@ class DistillationTrainingArguments(TrainingArguments):
     distillation_head: str | None = field(
         default=None,
         metadata={"help": "Which outputs carry the teacher's distribution; default: chosen from the student's class."},
+    )
+
+    # Parameters that control on-policy distillation
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Probability in [0, 1] that a micro-batch trains on the student's own completions (GKD)."},
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Most tokens the student generates per prompt on on-policy batches."}
+    )
+    on_policy_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of on-policy completions; 0 decodes greedily."}
+    )
+    on_policy_top_p: float = field(default=1.0, metadata={"help": "Nucleus (top-p) of on-policy sampling."})
+    prompt_length_column: str = field(
+        default="prompt_length",
+        metadata={"help": "Optional dataset column: the number of leading tokens of each example that are its prompt."},
+    )
+    prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Without that column: the first prompt_tokens tokens of each block are its prompt."},
     )
 
     teacher_weights: list[float] | None = field(
@@ -300,6 +339,13 @@ class DistillationTrainingArguments(TrainingArguments):
                 "student with a distribution that is 0 outside the draws. Use distillation_loss='kl' and "
                 "topk_tail='rest', or sparse_target='top_k'."
             )
+        _check(0.0 <= self.lmbda <= 1.0, "lmbda", self.lmbda, "in [0, 1]")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, ">= 1")
+        _check(math.isfinite(self.on_policy_temperature) and self.on_policy_temperature >= 0,
+               "on_policy_temperature", self.on_policy_temperature, ">= 0 and finite")
+        _check(0.0 < self.on_policy_top_p <= 1.0, "on_policy_top_p", self.on_policy_top_p, "in (0, 1]")
+        _check(self.prompt_tokens is None or self.prompt_tokens >= 1, "prompt_tokens", self.prompt_tokens,
+               ">= 1 or None")
         _check(self.teacher_ensemble in TEACHER_ENSEMBLES, "teacher_ensemble", self.teacher_ensemble,
                f"one of {TEACHER_ENSEMBLES}")
         weights = self.teacher_weights or []

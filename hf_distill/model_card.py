@@ -80,6 +80,9 @@ def distillation_settings(args: DistillationTrainingArguments, head: Distillatio
     }
     if layer_map:
         settings["layer_map"] = layer_map
+    if args.lmbda > 0:
+        settings["on_policy"] = {"lmbda": args.lmbda, "max_new_tokens": args.max_new_tokens,
+                                 "temperature": args.on_policy_temperature, "top_p": args.on_policy_top_p}
     settings.update(num_train_epochs=args.num_train_epochs, learning_rate=args.learning_rate)
     init_layers = getattr(student_config, "hf_distill_init_layers", None)
     if init_layers is not None:

@@ -26,6 +26,7 @@ from .losses import (
     sparse_target,
     tempered_log_softmax,
 )
+from .on_policy import ON_POLICY
 
 # Logits per loss chunk (rows x classes): bounds the float32 softmax intermediates kept for backward (~256 MiB
 # each); a batch that fits is computed in one piece, without the recomputation in backward.
@@ -60,7 +61,7 @@ def step_counts(head: DistillationHead, batch: dict, label_names: list[str], sam
     step's micro-batches and processes, they are the divisors of `DistillationObjective`."""
     labels = {name: batch[name] for name in label_names if name in batch}
     inputs = {name: value for name, value in batch.items() if name not in labels}
-    units = head.units(inputs, labels)
+    units = head.units(inputs, labels).without_labels(batch.get(ON_POLICY))
     row_weight = units.row_weights(batch.get(sample_weight_column))
     labelled = units.labelled[units.kd].float()
     return torch.stack([row_weight.sum(), (row_weight * labelled).sum(),

@@ -19,6 +19,7 @@ from .heads import DENSE, TOPK, DistillationHead, Units, head_for
 from .layer_alignment import LayerAlignment
 from .model_card import LABELLED_PIPELINES, build_model_card, distillation_settings, teacher_names
 from .objective import DistillationObjective, TermLog, resolve_distillation_loss, step_counts
+from .on_policy import ON_POLICY, OnPolicyBatches, check_on_policy, pad_token_id
 from .teacher import (
     base_model,
     check_compatible,
@@ -72,6 +73,9 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
     (`args.use_teacher_cache=True`, the default) or runs the frozen teacher on every batch
     (`use_teacher_cache=False`, non-`datasets` datasets, or any alignment loss on).
 
+    With `args.lmbda > 0` (causal LMs), that share of the training micro-batches is replaced by the student's own
+    completions of their prompts, distilled on the generated tokens only (`hf_distill.on_policy`).
+
     Without a teacher and without teacher columns it is `transformers.Trainer`, unchanged.
 
     Args:
@@ -102,6 +106,11 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
                 "Intermediate-layer losses (hidden/embedding/attention/relation weights > 0) compare the student with "
                 "the teacher's layers, so they need the teacher online: pass teacher_model=... to DistillationTrainer, "
                 "or set those weights to 0 to distil from cached logits only."
+            )
+        if args.lmbda > 0 and teacher_model is None:
+            raise ValueError(
+                f"lmbda={args.lmbda} needs the teacher online to score the student's completions, and a teacher-logit "
+                "column cannot score new tokens: pass teacher_model=... to DistillationTrainer, or set lmbda=0."
             )
         teachers = named_teachers(teacher_model)
         self._teacher_names = list(teachers) or [""]
@@ -148,6 +157,7 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
             self.head.num_classes = check_compatible(model, teacher, self.head, tokenizer)
         for teacher in teachers.values() or [None]:
             check_distillation_inputs(model, teacher, self.head, args, train_dataset, eval_dataset, tokenizer)
+        check_on_policy(args, self.head, model, train_dataset, tokenizer)
         self.teacher_models = {name: freeze_teacher(teacher) for name, teacher in teachers.items()}
         #: Classes per distribution; the top-k width is at most this.
         self._num_classes = distribution_width(model_config(model), self.head)
@@ -196,6 +206,11 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
         self._fused = self._fused_forwards(args)
         self._step_totals = None
         self._keep_all_logits = False
+        #: Which training micro-batches are on-policy, and their rebuilt batches (None when `lmbda` is 0).
+        self.on_policy = OnPolicyBatches(args, pad_token_id(self.student, tokenizer)) if args.lmbda > 0 else None
+        if self.on_policy is not None and self.teacher_columns.present(self.train_dataset):
+            logger.info(f"lmbda={args.lmbda}: the cached teacher scores the off-policy batches, the online teacher the "
+                        "on-policy ones (a cache cannot score the student's completions).")
 
     def _fused_forwards(self, args: DistillationTrainingArguments) -> dict[str, FusedForward]:
         if not args.fused_vocabulary_loss or self.head.cache_layout != TOPK or self.alignment is not None:
@@ -250,7 +265,7 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
                 "Pass teacher_model=... to DistillationTrainer, or add the column with "
                 "hf_distill.cache_teacher_logits(teacher, dataset)."
             )
-        if not args.use_teacher_cache or args.uses_alignment:  # the teachers run on every batch anyway
+        if not args.use_teacher_cache or args.uses_alignment or args.lmbda == 1:  # the teachers run on every batch
             return dataset
         # Each teacher's cache belongs to the dataset without teacher columns: adding a teacher reuses the others'.
         present = [column for column in self.teacher_columns.all if column in dataset.column_names]
@@ -284,7 +299,8 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
             # The student's forward decides which columns reach the model, not the projections wrapper's.
             signature = inspect.signature(base_model(self.student).forward)
             self._signature_columns = list(signature.parameters) + list({"label", "label_ids", *self.label_names})
-        for column in (*self.teacher_columns.all, self.args.sample_weight_column):
+        prompts = [self.args.prompt_length_column] if self.args.lmbda > 0 else []
+        for column in (*self.teacher_columns.all, self.args.sample_weight_column, *prompts):
             if column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -335,14 +351,16 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
         return self._fused_forward(name, base_model(teacher), forward, batch, units)
 
     def _pop_batch_fields(self, inputs: dict):
-        """Take the teacher columns, sample weights and labels out of `inputs` (the student must not see them).
+        """Take the teacher columns, sample weights, labels, prompt lengths and on-policy flag out of `inputs` (the
+        student must not see them).
 
         The teacher columns come back as `{teacher name: {field: tensor}}` for the teachers cached in the batch.
         """
         cached = self.teacher_columns.pop(inputs)
         sample_weight = inputs.pop(self.args.sample_weight_column, None)
         labels = {name: inputs.pop(name) for name in self.label_names if name in inputs}
-        return cached, sample_weight, labels
+        inputs.pop(self.args.prompt_length_column, None)
+        return cached, sample_weight, labels, inputs.pop(ON_POLICY, None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The weighted distillation loss of one micro-batch (`DistillationObjective`); each term is logged."""
@@ -350,10 +368,10 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         head = self.head
         inputs = dict(inputs)
-        cached, sample_weight, labels = self._pop_batch_fields(inputs)
+        cached, sample_weight, labels, on_policy = self._pop_batch_fields(inputs)
         inputs = head.prepare_inputs(inputs, labels, self.student)
         mode = "train" if model.training else "eval"
-        units = head.units(inputs, labels)
+        units = head.units(inputs, labels).without_labels(on_policy)
         if self.alignment is not None:
             student_outputs, teacher_outputs, alignment_terms = self.alignment.forward(
                 lambda **flags: model(**inputs, **flags),
@@ -389,12 +407,20 @@ class DistillationTrainer(StudentCheckpoints, Trainer):
         )
         for name, (value_sum, count) in step.terms.items():
             self._terms[mode].add(name, value_sum, count)
+        if mode == "train" and self.on_policy is not None:  # the share of on-policy micro-batches
+            self._terms[mode].add("on_policy", float(on_policy is not None), 1)
         return (step.loss, head.predictions(student_outputs)) if return_outputs else step.loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.head is None:
             return batch_samples, num_items_in_batch
+        if self.on_policy is not None:  # before the counts: an on-policy batch counts its generated tokens
+            batch_samples = [
+                self.on_policy(self.student, batch, self.state.global_step, index, self.label_names[0],
+                               self.accelerator.process_index, self.model_wrapped)
+                for index, batch in enumerate(batch_samples)
+            ]
         # The counts of the whole optimizer step (all its micro-batches, all processes): see DistillationObjective.
         self._step_totals = None
         if batch_samples:

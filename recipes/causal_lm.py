@@ -9,8 +9,10 @@ Stages, each skippable: (1) optionally, sequence-level distillation data: the te
 the training text (`--teacher_generations`); (2) the teacher's top-k log-probabilities cached over the training
 blocks, reused by later runs (`--use_teacher_cache false` runs the teacher online instead); (3) the student, from a
 checkpoint or built from the teacher's layers (`--student_num_layers`), distilled (`alpha` mixes the distillation
-and LM losses; `--distill false` skips stages 2-3); (4) `--baseline`: the same student init on the LM loss alone,
-same text, same steps. Then teacher, baseline and student are compared on the held-out text.
+and LM losses; `--lmbda` trains that share of the batches on the student's own completions of each block's first
+`--generation_prompt_tokens` tokens, scored by the online teacher; `--distill false` skips stages 2-3); (4)
+`--baseline`: the same student init on the LM loss alone, same text, same steps. Then teacher, baseline and student
+are compared on the held-out text.
 """
 
 import dataclasses
@@ -91,7 +93,11 @@ class DataArguments:
             "each training block to a full block; these texts are added to the training data (cached)."
         },
     )
-    generation_prompt_tokens: int = field(default=32, metadata={"help": "Prompt tokens of each teacher generation."})
+    generation_prompt_tokens: int = field(
+        default=32,
+        metadata={"help": "Prompt tokens of each teacher generation, and of each on-policy completion of the "
+                          "student (--lmbda > 0) unless --prompt_tokens is given."},
+    )
     max_generation_prompts: int | None = field(
         default=None, metadata={"help": "Training blocks whose prompt the teacher continues (default: all)."}
     )
@@ -118,6 +124,8 @@ def main(argv=None):
             "This recipe does not push: drop --push_to_hub and upload the finished <output_dir>/student folder "
             "(weights, tokenizer, card, report) with `hf upload <repo_id> <output_dir>/student`."
         )
+    if training_args.lmbda > 0 and training_args.prompt_tokens is None:  # training blocks are plain text
+        training_args = dataclasses.replace(training_args, prompt_tokens=data_args.generation_prompt_tokens)
     datasets.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     output_dir = training_args.output_dir
@@ -160,7 +168,8 @@ def main(argv=None):
             cache_dir=training_args.teacher_cache_dir, overwrite=training_args.overwrite_teacher_cache,
         )
     # Stage 2: the teacher's top-k cache; a cache from another teacher is refused here, before output_dir exists.
-    if recipe_args.distill and training_args.use_teacher_cache:
+    # With --lmbda 1 every batch is the student's own: the teacher runs online and the cache would go unread.
+    if recipe_args.distill and training_args.use_teacher_cache and training_args.lmbda < 1:
         distill_train = cache_teacher_logits(
             teacher, distill_train, tokenizer=tokenizer, column=training_args.teacher_logits_column, head=head,
             **training_args.teacher_cache_kwargs(),
@@ -202,7 +211,7 @@ def main(argv=None):
     if not training_args.should_save:  # the main process evaluates, reports and writes the card
         return
     report, markdown, paths = compare_models(rows_models, blocks["validation"], raw["validation"], tokenizer,
-                                             data_args, recipe_args)
+                                             data_args, recipe_args, on_policy_summary(trainer))
     print(f"\nTeacher vs baseline vs distilled student, held-out text\n\n{markdown}")
     if trainer is not None:
         write_model_card(trainer, report, markdown, paths, model_args, data_args, training_args, student_dir)
@@ -214,8 +223,19 @@ def lm_training_steps(num_blocks: int, args) -> int:
     return max(1, math.ceil(math.ceil(num_blocks / per_step) * args.num_train_epochs))
 
 
-def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, recipe_args):
-    """Perplexity, agreement with the teacher, size and CPU tokens/s of each model, and sample generations."""
+def on_policy_summary(trainer) -> dict | None:
+    """Which of the student's training micro-batches were its own completions (None without `--lmbda`)."""
+    if trainer is None or trainer.on_policy is None:
+        return None
+    args = trainer.args
+    return {"lmbda": args.lmbda, "max_new_tokens": args.max_new_tokens, "prompt_tokens": args.prompt_tokens,
+            "micro_batches": trainer.state.global_step * args.gradient_accumulation_steps,
+            "on_policy": [list(batch) for batch in trainer.on_policy.batches]}
+
+
+def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, recipe_args, on_policy=None):
+    """Perplexity, agreement with the teacher, size and CPU tokens/s of each model, and sample generations; and
+    `on_policy`, which training micro-batches were the student's own completions."""
     metrics = {}
     teacher_predictions = None
     for name, model, _ in rows_models:
@@ -248,7 +268,16 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     )
     report["block_size"] = data_args.block_size
     report["eval_tokens"] = metrics["teacher"]["num_tokens"]
+    if on_policy is not None:
+        report["on_policy"] = on_policy
     paths = write_report(report, os.path.dirname(rows_models[0][2]))
+    if on_policy is not None:
+        steps = sorted({step for step, _ in on_policy["on_policy"]})
+        with open(paths["markdown"], "a", encoding="utf-8") as file:
+            file.write(f"\nOn-policy training (lmbda = {on_policy['lmbda']}): {len(on_policy['on_policy'])} of "
+                       f"{on_policy['micro_batches']} micro-batches were the student's own completions (at most "
+                       f"{on_policy['max_new_tokens']} tokens after {on_policy['prompt_tokens']} prompt tokens), in "
+                       f"optimizer steps {steps}.\n")
     with open(paths["markdown"], encoding="utf-8") as file:
         markdown = file.read()
     return report, markdown, paths

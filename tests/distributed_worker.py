@@ -55,7 +55,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH_SIZE = 8
 NUM_TRAIN_EXAMPLES = 32
 NUM_STEPS = NUM_TRAIN_EXAMPLES // GLOBAL_BATCH_SIZE
-LOGGED_KEYS = ("loss", "grad_norm", "loss_kd", "loss_ce", "loss_hidden")
+LOGGED_KEYS = ("loss", "grad_norm", "loss_kd", "loss_ce", "loss_hidden", "on_policy")
 
 
 def world_size() -> int:
@@ -274,6 +274,21 @@ def scenario_causal_lm(workdir) -> dict:
     return common_results(trainer, collator)
 
 
+def scenario_on_policy(workdir) -> dict:
+    """On-policy distillation (lmbda 0.5, greedy): the student completes each row's first 3 tokens on the steps the
+    seeded draw picks, the cached teacher scores the other steps and the online one the completions."""
+    train = toy_lm_dataset(NUM_TRAIN_EXAMPLES, prompt_length=2, min_length=6, max_length=16)
+    collator = RecordingLMCollator(train)
+    args = make_args(workdir, teacher_cache_top_k=8, lmbda=0.5, prompt_tokens=3, max_new_tokens=4,
+                     on_policy_temperature=0.0)
+    trainer = DistillationTrainer(
+        model=tiny_llama(num_layers=1, seed=1), args=args, train_dataset=train, data_collator=collator,
+        teacher_model=tiny_llama(seed=2, logit_scale=30.0),
+    )
+    trainer.train()
+    return {**common_results(trainer, collator), "on_policy_batches": trainer.on_policy.batches}
+
+
 def run_recipe_counting(recipe, args_file, workdir, calls) -> dict:
     """`recipe.main` with the arguments in `workdir/args_file` (one a line), counting calls of the names in
     `calls`, so the test sees who writes the report."""
@@ -343,6 +358,7 @@ SCENARIOS = {
     "partially_labelled": scenario_partially_labelled,
     "hidden_projection": scenario_hidden_projection,
     "causal_lm": scenario_causal_lm,
+    "on_policy": scenario_on_policy,
     "glue_recipe": scenario_glue_recipe,
     "ner_recipe": scenario_ner_recipe,
     "causal_lm_recipe": scenario_causal_lm_recipe,

@@ -41,8 +41,8 @@ HF_DISTILL_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(hf_distill.__f
 
 # The recipes run last: they are the most expensive, and their output is checked on disk.
 SCENARIOS = [
-    "cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "glue_recipe", "ner_recipe",
-    "causal_lm_recipe",
+    "cached", "online", "partially_labelled", "hidden_projection", "causal_lm", "on_policy", "glue_recipe",
+    "ner_recipe", "causal_lm_recipe",
 ]
 
 
@@ -274,6 +274,16 @@ def test_causal_lm_two_processes_match_one_process(ddp, reference):
     ranks, one_process = ddp.results("causal_lm"), reference("causal_lm")
     assert_same_global_batches(ranks, one_process)
     assert_same_logs(ranks, one_process, ["loss", "grad_norm", "loss_kd", "loss_ce"])
+    assert_same_tensors(ranks, one_process, "weights")
+
+
+def test_on_policy_two_processes_match_one_process(ddp, reference):
+    """Both ranks draw the same on-policy step; each rank's generated tokens count in the step's total."""
+    ranks, one_process = ddp.results("on_policy"), reference("on_policy")
+    assert_same_global_batches(ranks, one_process)
+    assert [entry["on_policy"] for entry in one_process["logs"]] == [0.0, 0.0, 1.0, 0.0]
+    assert ranks[0]["on_policy_batches"] == ranks[1]["on_policy_batches"] == one_process["on_policy_batches"]
+    assert_same_logs(ranks, one_process, ["loss", "grad_norm", "loss_kd", "on_policy"])
     assert_same_tensors(ranks, one_process, "weights")
 
 

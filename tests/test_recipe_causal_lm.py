@@ -262,3 +262,19 @@ def test_missing_gguf_package_names_the_install_command(tmp_path, monkeypatch):
     output_dir = str(tmp_path / "out")
     assert_refused(lm_recipe_args(str(folder), output_dir, "--teacher_gguf_file", "model.gguf"), output_dir,
                    "needs the `gguf` package: pip install gguf")
+
+
+def test_on_policy_run_reports_which_micro_batches_were_the_students_own(tmp_path):
+    teacher = save_lm_teacher(str(tmp_path / "teacher"))
+    output_dir = str(tmp_path / "out")
+    lm_recipe.main(lm_recipe_args(teacher, output_dir, "--lmbda", "1", "--max_new_tokens", "4",
+                                  "--generation_prompt_tokens", "8", "--baseline", "false"))
+    with open(os.path.join(output_dir, "results.json")) as file:
+        on_policy = json.load(file)["on_policy"]
+    assert on_policy == {"lmbda": 1.0, "max_new_tokens": 4, "prompt_tokens": 8, "micro_batches": 4,
+                         "on_policy": [[0, 0], [1, 0], [2, 0], [3, 0]]}
+    with open(os.path.join(output_dir, "report.md")) as file:
+        assert "4 of 4 micro-batches were the student's own completions" in file.read()
+    assert not os.path.exists(output_dir + "_cache")  # lmbda = 1: no cache, the teacher scores online
+    card = ModelCard.load(os.path.join(output_dir, "student", "README.md"))
+    assert card.data.to_dict()["distillation"]["on_policy"]["lmbda"] == 1.0

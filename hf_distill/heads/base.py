@@ -27,6 +27,15 @@ class Units:
             return torch.ones(int(self.kd.sum()), device=self.kd.device)
         return sample_weight.float().to(self.kd.device)[self.example_index]
 
+    def without_labels(self, rows: torch.Tensor | None) -> "Units":
+        """These units with the label term off in `rows` `(batch,)` bool, their `kd` positions kept (on-policy rows:
+        the labels mark the generated tokens, which are no gold targets). `None` changes nothing."""
+        if rows is None:
+            return self
+        gold = ~rows.to(self.kd.device).view(-1, *([1] * (self.kd.dim() - 1)))
+        label_targets = None if self.label_targets is None else self.label_targets.masked_fill(~gold, -100)
+        return Units(self.kd, self.labelled & gold, label_targets)
+
     @property
     def example_index(self) -> torch.Tensor:
         """The example of every `kd` row, `(rows,)`: sample weights are per example."""
