@@ -20,11 +20,13 @@ if __name__ == "__main__":
 
     announce_start(sys.argv[1])
 
-from conftest import tiny_bert, tiny_bert_token, tiny_llama, token_dataset, toy_dataset, toy_lm_dataset
+from pathlib import Path
+
+from conftest import make_args, tiny_bert, tiny_bert_token, tiny_llama, token_dataset, toy_dataset, toy_lm_dataset
 
 import hf_distill.cache
 import hf_distill.cache_shards
-from hf_distill import cache_teacher_logits
+from hf_distill import DistillationTrainer, cache_teacher_logits
 from hf_distill.cache import DATA_FILE, cache_folder, teacher_columns
 from hf_distill.heads import head_for
 from hf_distill.validation import flat_column
@@ -92,6 +94,16 @@ def build(kind: str, cache_dir: str, interrupt: bool = False) -> dict:
     return result
 
 
+def trainer_cache(workdir: str) -> dict:
+    """The cache `DistillationTrainer` builds itself for the dense teacher and dataset (same batch size)."""
+    teacher, dataset, _ = teacher_and_dataset("dense")
+    recorder = BatchRecorder(teacher, dataset)
+    trainer = DistillationTrainer(model=tiny_bert(seed=2), args=make_args(Path(workdir), teacher_cache_batch_size=3),
+                                  train_dataset=dataset, teacher_model=teacher)
+    values = flat_column(trainer.train_dataset, "teacher_logits").to_numpy(zero_copy_only=False)
+    return {"batches": recorder.batches, "values": {"teacher_logits": torch.from_numpy(values.copy())}}
+
+
 def listing(folder: str) -> list[str]:
     return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
 
@@ -111,12 +123,23 @@ def build_after_interruption(kind: str, interrupted_kind: str, cache_dir: str, s
 
 
 def run_scenario(name: str, workdir: str) -> dict:
-    """`dense`, `per_token`, `top_k`, `sampled`: one build. `resume`: the dense build interrupted, then run again.
-    `other_teacher` / `other_k`: the dense / top-k build after an interrupted one of another teacher / k."""
+    """`dense`, `per_token`, `top_k`, `sampled`: one build. `trainer`: the dense one, by `DistillationTrainer`.
+    `resume`: the dense build interrupted, then run again. `other_teacher` / `other_k`: the dense / top-k build after
+    an interrupted one of another teacher / k. `different_datasets`: each process has a dataset of its own."""
     cache_dir = os.path.join(workdir, "cache")
     with mock.patch.object(hf_distill.cache, "SHARD_EXAMPLES", SHARD_EXAMPLES):
         if name in ("dense", "per_token", "top_k", "sampled"):
             return {"build": build(name, cache_dir), "cache_listing": listing(cache_dir)}
+        if name == "trainer":
+            return trainer_cache(workdir)
+        if name == "different_datasets":
+            teacher, _, _ = teacher_and_dataset("dense")
+            try:
+                cache_teacher_logits(teacher, toy_dataset(44, seed=int(os.environ.get("RANK", "0"))),
+                                     cache_dir=cache_dir, show_progress=False)
+            except RuntimeError as error:
+                return {"error": str(error), "cache_listing": listing(cache_dir)}
+            return {"error": None}
         shards_dir = os.path.join(workdir, "shards")
         if name == "resume":
             return build_after_interruption("dense", "dense", cache_dir, shards_dir)

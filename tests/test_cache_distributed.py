@@ -13,7 +13,8 @@ import torch
 from conftest import accelerate_launch
 
 NUM_PROCESSES = 2
-SCENARIOS = ["dense", "per_token", "top_k", "sampled", "resume", "other_teacher", "other_k"]
+SCENARIOS = ["dense", "per_token", "top_k", "sampled", "trainer", "resume", "other_teacher", "other_k",
+             "different_datasets"]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,14 @@ def test_two_processes_build_the_one_process_cache_bit_for_bit(launch, reference
     assert len(ranks[0]["cache_listing"]) == 2
 
 
+def test_the_trainers_own_cache_is_built_by_both_processes(launch, reference):
+    """`DistillationTrainer` with a teacher and a dataset without the column takes the same path."""
+    ranks, one_process = launch["trainer"], reference("dense")["build"]
+    for rank, result in enumerate(ranks):
+        assert {shard_of(row) for row in rows_of(result["batches"])} == {rank, rank + 2, rank + 4}
+        assert torch.equal(result["values"]["teacher_logits"], one_process["values"]["teacher_logits"])
+
+
 def test_an_interrupted_build_resumes_on_the_missing_shards_only(launch, reference):
     ranks, uninterrupted = launch["resume"], reference("dense")["build"]
     # Process 0 stopped in its second shard; process 1 finished its three, then stopped too.
@@ -140,3 +149,9 @@ def test_one_process_resumes_an_interrupted_build(reference):
     assert batches_in(resumed, range(2, 6)) == batches_in(uninterrupted["batches"], range(2, 6))
     assert batches_in(resumed, {0, 1}) == []
     assert_same_cache(result["resumed"], uninterrupted)
+
+
+def test_processes_with_different_datasets_are_refused_before_any_teacher_pass(launch):
+    for result in launch["different_datasets"]:
+        assert result["error"].startswith("The processes would cache different teacher outputs")
+        assert result["cache_listing"] == []
