@@ -514,9 +514,10 @@ def cache_teacher_logits(
         if missing is not None:
             # Round-robin over the missing shards: a resumed build is shared as evenly as a fresh one.
             mine = missing[state.process_index :: state.num_processes]
-            description = "Caching teacher outputs"
-            if len(mine) < len(files):
-                description += f" ({len(mine)} of {len(files)} shards here, {len(files) - len(missing)} were complete)"
+            shares = [f"{len(mine)} of {len(files)} shards in this process"] if state.num_processes > 1 else []
+            if len(missing) < len(files):
+                shares.append(f"{len(files) - len(missing)} of {len(files)} complete before")
+            description = "Caching teacher outputs" + (f" ({', '.join(shares)})" if shares else "")
             try:
                 run_together(lambda: _build_shards(
                     teacher, dataset, head, names, dtype, batch_size, max_batch_tokens, device,

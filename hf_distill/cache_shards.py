@@ -88,6 +88,11 @@ def read_shard(file: str, rows: range) -> pa.Table:
     try:
         with pa.memory_map(file) as source:
             table = pa.ipc.open_stream(source).read_all()
+    except FileNotFoundError as error:
+        raise RuntimeError(
+            f"The cache shard {file}, built by another process, is not on this machine's disk: give every process "
+            "a cache_dir on a file system they share."
+        ) from error
     except (OSError, pa.ArrowInvalid) as error:
         raise ValueError(f"The cache shard {file} is unreadable ({error}): delete it and rerun.") from error
     if table.num_rows != len(rows):
