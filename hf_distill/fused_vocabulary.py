@@ -24,6 +24,8 @@ logger = logging.get_logger(__name__)
 # Logits per fused chunk (rows x classes): each float32 intermediate of a chunk is 64 MiB; at 152k classes a chunk
 # is 110 rows, enough for the matmuls to run at full speed on CPU.
 FUSED_CHUNK_ELEMENTS = 2**24
+# Rows on which a model's output layer is checked against its own logits, at its first batch.
+CHECKED_ROWS = 16
 
 
 @dataclass
@@ -229,8 +231,9 @@ def fused_vocabulary_loss(
 class FusedForward:
     """Runs one model (the student, or an online teacher) for a fused vocabulary loss.
 
-    At its first batch the model runs once more, without gradients, on the example with the most counted rows, and
-    the output layer's transform (`output_layer_of`) is checked against the model's own logits there; from then on
+    At its first batch the model runs once more, without gradients, on the example with the most counted rows (its
+    first `CHECKED_ROWS` counted rows where the model takes `logits_to_keep`), and the output layer's transform
+    (`output_layer_of`) is checked against the model's own logits there; from then on
     the model runs with its output layer skipped and its view is `ProjectedRows`. An output layer that is not
     recognised, or a mismatch, keeps the unfused path, with one log line: never a silently different loss.
 
@@ -267,6 +270,10 @@ class FusedForward:
         example = int(counted.argmax())
         one = {name: value[example:example + 1] if isinstance(value, torch.Tensor) else value
                for name, value in batch.items()}
+        keep = one.get("logits_to_keep")
+        if isinstance(keep, torch.Tensor) and keep.dtype == torch.bool:  # a few rows: the check holds no big logits
+            kept = keep.flatten().nonzero().squeeze(-1)[:CHECKED_ROWS]
+            one["logits_to_keep"] = torch.zeros_like(keep).flatten().index_fill_(0, kept, True).view_as(keep)
         with torch.no_grad(), capture_output_layer_input(model, skip=False) as captured:
             logits = forward(one).logits
         hidden = captured[0].reshape(-1, captured[0].shape[-1])

@@ -229,33 +229,64 @@ def ensemble_logits(
     return temperature * torch.logsumexp(log_probs, dim=0)
 
 
+def _softmax_and_log_normaliser(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(softmax (rows, classes), logsumexp (rows,))` of float32 scores, in one new tensor; rows of -inf stay 0."""
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    probs = torch.sub(scores, row_max).exp_()
+    total = probs.sum(-1, keepdim=True)
+    probs.div_(total)
+    return probs, (row_max + total.log()).squeeze(-1)
+
+
 class _ForwardKLAndCrossEntropy(torch.autograd.Function):
-    """Forward KL to a dense teacher and cross-entropy, per row, with the gradient written out: on
-    vocabulary-sized rows autograd's graph of the same expressions costs several extra passes over the logits."""
+    """Forward KL to a dense teacher and cross-entropy, per row, with the gradient written out.
+
+    On vocabulary-sized rows a fresh `(rows, classes)` tensor costs more than the arithmetic on it (the allocator
+    hands large blocks back to the system, so each one is page-faulted in again): this allocates two, the student's
+    and the teacher's softmax, and writes the gradient into the first. With p = softmax(t), q = softmax(s):
+    KL(p || q) = p·t − p·s − logsumexp(t) + logsumexp(s).
+    """
 
     @staticmethod
     def forward(ctx, logits, teacher_logits, targets, temperature, student_temperature):
-        student_log_probs = tempered_log_softmax(logits, student_temperature)
-        teacher_log_probs = tempered_log_softmax(teacher_logits, temperature)
-        teacher_probs = teacher_log_probs.exp()
-        # xlogy(0, 0) = 0: a masked teacher class (-inf) contributes nothing.
-        kd = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * student_log_probs).sum(-1)
-        label_log_probs = student_log_probs if student_temperature == 1.0 else tempered_log_softmax(logits, 1.0)
+        scores = logits.float() if student_temperature == 1.0 else logits.float() / student_temperature
+        teacher_scores = teacher_logits.float() if temperature == 1.0 else teacher_logits.float() / temperature
+        student_probs, student_normaliser = _softmax_and_log_normaliser(scores)
+        teacher_probs, teacher_normaliser = _softmax_and_log_normaliser(teacher_scores)
+        teacher_dot = torch.linalg.vecdot(teacher_probs, teacher_scores)
+        masked = torch.isnan(teacher_dot)  # a masked teacher class: 0 * -inf; it contributes nothing
+        if bool(masked.any()):
+            rows = teacher_scores[masked]
+            teacher_dot[masked] = torch.linalg.vecdot(
+                teacher_probs[masked], torch.where(torch.isneginf(rows), torch.zeros_like(rows), rows))
+        kd = teacher_dot - torch.linalg.vecdot(teacher_probs, scores) - teacher_normaliser + student_normaliser
         labelled = targets >= 0
-        ce = -label_log_probs.gather(-1, targets.clamp_min(0).long()[:, None]).squeeze(-1)
-        ctx.save_for_backward(student_log_probs, teacher_probs, label_log_probs, targets)
+        index = targets.clamp_min(0).long()[:, None]
+        if student_temperature == 1.0:
+            label_normaliser = student_normaliser
+        else:
+            label_normaliser = torch.logsumexp(logits.float(), dim=-1)
+        ce = label_normaliser - logits.float().gather(-1, index).squeeze(-1)
+        ctx.save_for_backward(student_probs, teacher_probs, targets, logits)
         ctx.temperatures = (temperature, student_temperature)
         return kd * (temperature * student_temperature), torch.where(labelled, ce, torch.zeros_like(ce))
 
     @staticmethod
     def backward(ctx, kd_grad, ce_grad):
-        student_log_probs, teacher_probs, label_log_probs, targets = ctx.saved_tensors
+        # One backward per forward: the gradient is written into the saved student softmax (a second backward
+        # would be refused by autograd's version check, not computed wrong).
+        student_probs, teacher_probs, targets, logits = ctx.saved_tensors
         temperature, student_temperature = ctx.temperatures
         # d(T Ts KL(p || softmax(s / Ts))) / ds = T (q - p); d(CE) / ds = softmax(s) - onehot(target).
-        grad = (student_log_probs.exp() - teacher_probs) * (kd_grad * temperature)[:, None]
-        labelled = targets >= 0
-        ce_weight = torch.where(labelled, ce_grad, torch.zeros_like(ce_grad))[:, None]
-        grad = grad + label_log_probs.exp() * ce_weight
+        kd_weight = (kd_grad * temperature)[:, None]
+        ce_weight = torch.where(targets >= 0, ce_grad, torch.zeros_like(ce_grad))[:, None]
+        if student_temperature == 1.0:
+            grad = student_probs.mul_(kd_weight + ce_weight)
+        else:
+            grad = student_probs.mul_(kd_weight)
+            grad.add_(torch.softmax(logits.float(), dim=-1).mul_(ce_weight))
+        grad.addcmul_(teacher_probs, kd_weight, value=-1.0)
         grad.scatter_add_(-1, targets.clamp_min(0).long()[:, None], -ce_weight)
         return grad, None, None, None, None
 

@@ -2,19 +2,17 @@
 
 import inspect
 import os
-from contextlib import contextmanager
 
 import datasets
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import find_labels, logging
 
 from .arguments import DistillationTrainingArguments
 from .cache import cache_teacher_logits, check_teacher_columns, distribution_width
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import StudentCheckpoints
 from .collator import TeacherColumnsCollator
 from .fused_vocabulary import FusedForward
 from .heads import DENSE, TOPK, DistillationHead, Units, head_for
@@ -35,7 +33,7 @@ from .teacher import (
 )
 from .teacher_columns import TeacherColumns, teacher_column
 from .validation import check_distillation_inputs
-from .wrapper import PROJECTIONS_FILE, DistillWrapper
+from .wrapper import DistillWrapper
 
 logger = logging.get_logger(__name__)
 
@@ -59,7 +57,7 @@ def _accepts(model: nn.Module, argument: str) -> bool:
     return argument in inspect.signature(base_model(model).forward).parameters
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(StudentCheckpoints, Trainer):
     """`transformers.Trainer` that trains the student on the teacher's outputs as well as the labels.
 
     The loss is `logits_loss_weight * (alpha * loss_kd + (1 - alpha) * loss_ce) + sum_i weight_i * loss_i` over the
@@ -524,60 +522,3 @@ class DistillationTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         card.save(os.path.join(output_dir, "README.md"))
         return card
-
-    # ---- saving: the student alone is exported; checkpoints add the projections ----
-
-    @contextmanager
-    def _model_swapped(self, module: nn.Module):
-        """Let a Trainer method see `module` as `self.model` (the student inside the wrapper)."""
-        model = self.model
-        self.model = module
-        try:
-            yield
-        finally:
-            self.model = model
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        wrapper = self.accelerator.unwrap_model(self.model)
-        if not isinstance(wrapper, DistillWrapper):
-            return super()._save(output_dir, state_dict)
-        if state_dict is not None:
-            state_dict = {
-                name.removeprefix("student."): value for name, value in state_dict.items()
-                if name.startswith("student.")
-            }
-        with self._model_swapped(wrapper.student):
-            super()._save(output_dir, state_dict)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        # The projections go first: Trainer rotates old checkpoints out at the end of its save, and writes
-        # trainer_state.json (what makes a checkpoint complete, see last_complete_checkpoint) just before.
-        wrapper = self.accelerator.unwrap_model(self.model)
-        if isinstance(wrapper, DistillWrapper) and self.args.should_save:
-            wrapper.save_projections(os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            ))
-        super()._save_checkpoint(model, trial)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        if resume_from_checkpoint is True:  # Trainer would take the newest folder, even one a kill left half-written
-            needs_projections = isinstance(self.accelerator.unwrap_model(self.model), DistillWrapper)
-            resume_from_checkpoint = last_complete_checkpoint(
-                self.args.output_dir, (PROJECTIONS_FILE,) if needs_projections else ()
-            ) or resume_from_checkpoint
-        return super().train(resume_from_checkpoint, trial, **kwargs)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        wrapper = model if model is not None else self.model
-        if not isinstance(wrapper, DistillWrapper):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        super()._load_from_checkpoint(resume_from_checkpoint, wrapper.student)
-        wrapper.load_projections(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        wrapper = self.model
-        if not isinstance(wrapper, DistillWrapper):
-            return super()._load_best_model()
-        with self._model_swapped(wrapper.student):
-            super()._load_best_model()
-        wrapper.load_projections(self.state.best_model_checkpoint)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert, toy_dataset
+from conftest import tiny_bert, tiny_llama, toy_dataset, toy_lm_dataset
 
 from hf_distill import cache_teacher_logits
 from hf_distill.cache import MAX_PADDING_FRACTION, METADATA_FILE, cache_folder
@@ -212,3 +212,17 @@ def test_cache_key_ignores_the_tokenizers_call_state(tmp_path, tokenizer):
 def test_progress_bar_follows_show_progress(teacher, cache_dir, capsys, show_progress):
     cache_teacher_logits(teacher, toy_dataset(8), cache_dir=cache_dir, show_progress=show_progress)
     assert ("Caching teacher outputs" in capsys.readouterr().err) == show_progress
+
+
+def test_top_k_ids_beyond_float16s_range_are_cached_in_float16_storage(cache_dir):
+    vocabulary = 70_000  # Llama-3 and Qwen vocabularies pass float16's largest value, 65,504
+    teacher = tiny_llama(num_layers=1, seed=3, vocab_size=vocabulary)
+    with torch.no_grad():
+        teacher.lm_head.weight[-3:] *= 50  # the most likely tokens sit at the end of the vocabulary
+    dataset = toy_lm_dataset(4, vocab_size=1000)
+    cached = cache_teacher_logits(teacher, dataset, cache_dir=cache_dir, dtype="float16", top_k=4)
+    ids = np.concatenate([np.asarray(row).reshape(-1, 4) for row in cached["teacher_topk_ids"]])
+    with torch.no_grad():
+        expected = teacher(input_ids=torch.tensor(dataset[0]["input_ids"])[None]).logits[0].topk(4).indices
+    np.testing.assert_array_equal(ids[: len(expected)], expected.numpy())
+    assert ids.max() >= vocabulary - 3

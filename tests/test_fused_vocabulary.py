@@ -2,6 +2,7 @@
 unfused path, and the trainer running (or refusing to run) it."""
 
 import logging
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -270,3 +271,20 @@ def test_an_unrecognised_output_transform_falls_back_with_a_log_line(tmp_path):
     assert trainer.vocabulary_loss_paths == {"student": "unfused", "": "fused"}
     assert any("student's output layer (DoubledLogitsLlamaForCausalLM) applies a transform" in record.getMessage()
                for record in records)
+
+
+def test_the_first_batch_check_projects_a_few_rows_only(tmp_path, monkeypatch):
+    checked = []
+    capture = fused_module.capture_output_layer_input
+
+    @contextmanager
+    def recording_capture(model, skip):
+        with capture(model, skip) as captured:
+            yield captured
+        if not skip:
+            checked.append(captured[0].shape[0])
+
+    monkeypatch.setattr(fused_module, "CHECKED_ROWS", 3)
+    monkeypatch.setattr(fused_module, "capture_output_layer_input", recording_capture)
+    lm_trainer(tmp_path, "check", max_steps=1).train()
+    assert checked == [3, 3]  # the student's check and the teacher's, each on 3 of the batch's rows
