@@ -15,14 +15,17 @@ Three layouts, chosen by the model's head (`hf_distill.heads`):
   (float16) and the probability left outside them (float32): `teacher_topk_ids`, `teacher_topk_log_probs`,
   `teacher_topk_rest`, each flattened per example. ~6k + 4 bytes a token instead of 4·vocab.
 
-Builds stream: the dataset is read in shards of `SHARD_EXAMPLES` examples in dataset order; within a shard the
-examples are length-sorted and batched, and the shard's outputs are appended to the Arrow file before the next
-shard starts, so memory holds one shard, never `(examples, length, vocab)`. Builds are atomic: the file is written
-to a temporary folder that is renamed into place once complete. A file lock beside the cache
-serialises check -> build -> load across processes (two runs on one dataset: one teacher pass, the other waits and
+Builds stream: the dataset is read in shards of `SHARD_EXAMPLES` consecutive examples; within a shard the
+examples are length-sorted and batched, and the shard's outputs are written to a shard file before the next shard
+starts, so memory holds one shard, never `(examples, length, vocab)`. Under `accelerate launch` every process runs
+the teacher on its share of the shards, and a rerun after a kill reuses the complete ones (`hf_distill.cache_shards`).
+The main process then merges the shards into the cache's Arrow file. Builds are atomic: the file is written to a
+temporary folder that is renamed into place once complete. A file lock beside the cache, held by the main process,
+serialises check -> build -> load across runs (two runs on one dataset: one teacher pass, the other waits and
 reuses it) and lets each build remove the temporary folders of killed ones.
 """
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -44,6 +47,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .arguments import DEFAULT_TOP_K
+from .cache_shards import (
+    broadcast,
+    gather,
+    missing_shards,
+    num_shards,
+    read_shard,
+    remove_shards,
+    run_together,
+    shard_file,
+    shard_rows,
+    write_shard,
+)
 from .heads import DENSE, PER_TOKEN, TOPK, DistillationHead, head_for
 from .losses import SPARSE_TARGETS
 from .losses import sparse_target as make_sparse_target
@@ -281,21 +296,30 @@ def _encode(head, values: dict[str, torch.Tensor], top_k: int, temperature: floa
     return {"ids": ids.int(), "log_probs": log_probs, "rest": rest}
 
 
+def _shard_seed(seed: int, shard_index: int) -> int:
+    """The seed of a shard's sampled draws: each shard draws on its own, so a shard's values do not depend on which
+    process builds it or on the shards before it; shard 0 keeps `seed`."""
+    return seed + shard_index * 2**32
+
+
 @torch.inference_mode()
-def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress, top_k, temperature,
-                 pad_token_id, bf16=False, sparse_target="top_k", seed=0):
-    """Yield `(first_index, {field: [per-example arrays]})` shard by shard, in dataset order; with `bf16`, the
-    teacher runs under bfloat16 autocast. Sampled targets draw from a generator seeded with `seed`."""
-    generator = torch.Generator(device=device).manual_seed(seed) if sparse_target != "top_k" else None
+def _run_teacher(teacher, dataset, head, shards, batch_size, max_batch_tokens, device, show_progress, description,
+                 top_k, temperature, pad_token_id, bf16, sparse_target, seed):
+    """Yield `{field: [per-example arrays]}` for each shard of `shards` (indices), in that order; with `bf16`, the
+    teacher runs under bfloat16 autocast. Sampled targets draw from a generator seeded per shard from `seed`."""
     lengths = _lengths(dataset, head.length_column)
     input_columns = [name for name in (*head.input_names, head.length_column) if name in dataset.column_names]
     rows = dataset.select_columns(list(dict.fromkeys(input_columns))).with_format(None)
     was_training = teacher.training
     teacher.eval()
-    progress = tqdm(total=len(dataset), desc="Caching teacher outputs", disable=not show_progress)
+    ranges = [shard_rows(index, len(dataset), SHARD_EXAMPLES) for index in shards]
+    progress = tqdm(total=sum(map(len, ranges)), desc=description, disable=not show_progress)
     try:
-        for shard_start in range(0, len(dataset), SHARD_EXAMPLES):
-            shard = np.arange(shard_start, min(shard_start + SHARD_EXAMPLES, len(dataset)))
+        for index, rows_of_shard in zip(shards, ranges):
+            generator = None
+            if sparse_target != "top_k":
+                generator = torch.Generator(device=device).manual_seed(_shard_seed(seed, index))
+            shard = np.arange(rows_of_shard.start, rows_of_shard.stop)
             if lengths is not None:
                 shard = shard[np.argsort(-lengths[shard], kind="stable")]
             outputs = {}
@@ -327,7 +351,7 @@ def _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, s
                         )
                         outputs.setdefault(key, {})[int(index)] = example
                 progress.update(len(indices))
-            yield shard_start, {key: [by_index[i] for i in sorted(by_index)] for key, by_index in outputs.items()}
+            yield {key: [by_index[i] for i in sorted(by_index)] for key, by_index in outputs.items()}
     finally:
         progress.close()
         teacher.train(was_training)
@@ -421,7 +445,10 @@ def cache_teacher_logits(
             `hf_distill.losses.sparse_target`.
         seed: the seed of those draws; part of the fingerprint.
 
-    Under several processes the main process builds the cache and the others wait and load it.
+    Under several processes (`accelerate launch`) each one runs the teacher, on its own device, over its share of
+    the shards; the main process merges them, and every process reads the merged cache, bit-identical to a
+    1-process build. A build interrupted by a kill keeps its complete shards: a rerun with the same inputs runs the
+    teacher on the others only.
     """
     head = head_for(teacher) if head is None else head
     if len(dataset) == 0:
@@ -473,32 +500,47 @@ def cache_teacher_logits(
     if head.cache_layout == TOPK and sparse_target != "top_k":  # likewise
         record.update(sparse_target=sparse_target, seed=seed)
     path = default_cache_path(dataset, column, teacher_digest, record, cache_dir)
-    build = dict(teacher=teacher, dataset=dataset, head=head, record=record, path=path, names=names, dtype=dtype,
-                 batch_size=batch_size, max_batch_tokens=max_batch_tokens, device=device,
-                 show_progress=show_progress, top_k=top_k, temperature=temperature, num_classes=num_classes,
-                 bf16=bf16, sparse_target=sparse_target, seed=seed)
-    with state.main_process_first(), _exclusive_build(path):
-        if os.path.exists(os.path.join(path, METADATA_FILE)):
-            with open(os.path.join(path, METADATA_FILE)) as file:
-                cached_record = json.load(file)
-            if cached_record != record and not (overwrite and state.is_main_process):
-                raise ValueError(
-                    f"The teacher cache at {path} was built from other inputs:\n"
-                    f"{_describe_differences(cached_record, record)}\n"
-                    "Delete that folder, or rebuild it with overwrite=True (--overwrite_teacher_cache)."
-                )
-            if cached_record != record:
-                _build(**build)
-        elif state.is_main_process:
-            _build(**build)
-        else:
-            raise RuntimeError(
-                f"Process {state.process_index} found no teacher cache at {path} after the main process built "
-                "its own: the processes see different datasets (fingerprints differ). Build the dataset identically "
-                "on every process."
-            )
-        # Opened under the lock: no other process replaces the folder meanwhile.
-        outputs = Dataset.from_file(os.path.join(path, DATA_FILE))
+    if any(other != (path, record) for other in gather((path, record), state)):
+        raise RuntimeError(
+            "The processes would cache different teacher outputs (their datasets' fingerprints, teachers or settings "
+            "differ). Build the dataset identically on every process, and give each the same teacher."
+        )
+    features = _features(head.cache_layout, names, dtype, num_classes)
+    files = [shard_file(path, record, shard_rows(index, len(dataset), SHARD_EXAMPLES))
+             for index in range(num_shards(len(dataset), SHARD_EXAMPLES))]
+    # The main process holds the lock from its check to the merge: another run on this cache waits for the result.
+    with _exclusive_build(path) if state.is_main_process else contextlib.nullcontext():
+        refusal, missing = broadcast(_plan(path, record, overwrite, files) if state.is_main_process else None, state)
+        if refusal:
+            raise ValueError(refusal)
+        if missing is not None:
+            # Round-robin over the missing shards: a resumed build is shared as evenly as a fresh one.
+            mine = missing[state.process_index :: state.num_processes]
+            shares = [f"{len(mine)} of {len(files)} shards in this process"] if state.num_processes > 1 else []
+            if len(missing) < len(files):
+                shares.append(f"{len(files) - len(missing)} of {len(files)} complete before")
+            description = "Caching teacher outputs" + (f" ({', '.join(shares)})" if shares else "")
+            try:
+                run_together(lambda: _build_shards(
+                    teacher, dataset, head, names, dtype, batch_size, max_batch_tokens, device,
+                    show_progress and state.is_main_process, top_k, temperature, bf16, sparse_target, seed, features,
+                    {index: files[index] for index in mine}, description,
+                ), state)
+            finally:
+                if state.is_main_process:  # every process is done writing shards here
+                    remove_shards(path, empty_only=True)
+
+            def merge():
+                if state.is_main_process:
+                    _build(path=path, record=record, features=features, files=files, num_examples=len(dataset))
+
+            run_together(merge, state)
+        if state.is_main_process:
+            # Opened under the lock: no other process replaces the folder meanwhile.
+            outputs = _open_cache(path, record)
+    if not state.is_main_process:
+        with _exclusive_build(path):
+            outputs = _open_cache(path, record)
     if len(outputs) != len(dataset):
         raise ValueError(
             f"The teacher cache at {path} holds {len(outputs)} rows for {len(dataset)} examples: delete that folder."
@@ -506,6 +548,41 @@ def cache_teacher_logits(
     combined = concatenate_datasets([dataset, outputs], axis=1)
     check_teacher_columns(combined, head, column, num_classes, top_k if head.cache_layout == TOPK else None)
     return combined
+
+
+def _plan(path: str, record: dict, overwrite: bool, files: list[str]) -> tuple[str | None, list[int] | None]:
+    """`(refusal, missing)`: why the cache at `path` cannot serve `record`, or None; the shards (indices into
+    `files`) a build must run the teacher on, or None when the cache there serves `record`."""
+    if os.path.exists(os.path.join(path, METADATA_FILE)):
+        with open(os.path.join(path, METADATA_FILE)) as file:
+            cached_record = json.load(file)
+        if cached_record == record:
+            remove_shards(path)  # left by a build killed between its merge and their removal
+            return None, None
+        if not overwrite:
+            return (
+                f"The teacher cache at {path} was built from other inputs:\n"
+                f"{_describe_differences(cached_record, record)}\n"
+                "Delete that folder, or rebuild it with overwrite=True (--overwrite_teacher_cache)."
+            ), None
+    return None, missing_shards(files)
+
+
+def _open_cache(path: str, record: dict) -> Dataset:
+    """The teacher outputs of the cache at `path`, which must have been built for `record`."""
+    if not os.path.exists(os.path.join(path, METADATA_FILE)):
+        raise RuntimeError(
+            f"No teacher cache at {path} after the main process built it: the processes see different folders. "
+            "Give every process the same cache_dir, on a file system they share."
+        )
+    with open(os.path.join(path, METADATA_FILE)) as file:
+        cached_record = json.load(file)
+    if cached_record != record:
+        raise ValueError(
+            f"The teacher cache at {path} was replaced by another run's, built from other inputs:\n"
+            f"{_describe_differences(cached_record, record)}\nRerun once that run has finished."
+        )
+    return Dataset.from_file(os.path.join(path, DATA_FILE))
 
 
 def distribution_width(config, head: DistillationHead) -> int:
@@ -520,22 +597,33 @@ def distribution_width(config, head: DistillationHead) -> int:
     return config.num_labels
 
 
-def _build(teacher, dataset, head, record, path, names, dtype, batch_size, max_batch_tokens, device,
-           show_progress, top_k, temperature, num_classes, bf16, sparse_target, seed) -> None:
+def _build_shards(teacher, dataset, head, names, dtype, batch_size, max_batch_tokens, device, show_progress, top_k,
+                  temperature, bf16, sparse_target, seed, features, files: dict[int, str], description) -> None:
+    """Run the teacher over the shards `files` maps (index -> file) and write each one once complete."""
+    if not files:
+        return
     pad_token_id = getattr(teacher.config, "pad_token_id", None) or 0
+    shards = _run_teacher(teacher, dataset, head, list(files), batch_size, max_batch_tokens, device, show_progress,
+                          description, top_k, temperature, pad_token_id, bf16, sparse_target, seed)
+    for shard, file in zip(shards, files.values()):
+        columns = {}
+        for key, examples in shard.items():
+            _check_storage_range(examples, names[key], dtype)
+            columns[names[key]] = _arrow_column(examples, head.cache_layout, key, _NUMPY_DTYPES[dtype])
+        write_shard(file, pa.table(columns).cast(features.arrow_schema), features)
+
+
+def _build(path: str, record: dict, features: Features, files: list[str], num_examples: int) -> None:
+    """Merge the complete shards `files` (every shard, in dataset order) into the cache folder at `path`, with its
+    record; then remove them."""
     with write_folder_atomically(path) as tmp_path:
-        features = _features(head.cache_layout, names, dtype, num_classes)
         with ArrowWriter(features=features, path=os.path.join(tmp_path, DATA_FILE)) as writer:
-            for _, shard in _run_teacher(teacher, dataset, head, batch_size, max_batch_tokens, device, show_progress,
-                                         top_k, temperature, pad_token_id, bf16, sparse_target, seed):
-                columns = {}
-                for key, examples in shard.items():
-                    _check_storage_range(examples, names[key], dtype)
-                    columns[names[key]] = _arrow_column(examples, head.cache_layout, key, _NUMPY_DTYPES[dtype])
-                writer.write_table(pa.table(columns).cast(features.arrow_schema))
+            for index, file in enumerate(files):
+                writer.write_table(read_shard(file, shard_rows(index, num_examples, SHARD_EXAMPLES)))
             writer.finalize()
         with open(os.path.join(tmp_path, METADATA_FILE), "w") as file:
             json.dump(record, file, indent=2)
+    remove_shards(path)
 
 
 @contextmanager

@@ -545,3 +545,41 @@ def lm_recipe_args(teacher, output_dir, *extra, train_file="train.txt", validati
         "--teacher_cache_dir", output_dir + "_cache",
         *extra,
     ]
+
+
+# ---- multi-process runs ----
+
+
+def accelerate_launch(script, args, num_processes=2, timeout=1200):
+    """`(exit code, log)` of `accelerate launch` running `script` with `args` in `num_processes` CPU processes
+    over gloo (`ACCELERATE_USE_CPU=true` with `--multi_gpu` gives `MULTI_CPU`), one thread each, importing this
+    checkout's hf_distill. A launch still running after `timeout` seconds (a hung rank) is killed."""
+    import contextlib
+    import subprocess
+
+    import psutil
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        # Port 0: the launcher binds a free port itself, which no other job can take first.
+        "--main_process_port", "0", script, *args,
+    ]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])),
+        "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # torchrun starts each rank in a session of its own: the launcher's process group does not hold them.
+        for member in [*psutil.Process(process.pid).children(recursive=True), psutil.Process(process.pid)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
+        log, _ = process.communicate()
+        log += f"\n[accelerate_launch] killed after {timeout} s: a rank hung"
+    return process.returncode, log

@@ -118,6 +118,9 @@ def make_args(workdir, engine, **overrides) -> DistillationTrainingArguments:
         "teacher_cache_dir": os.path.join(workdir, "cache"),
         "teacher_cache_top_k": 8,
         "disable_tqdm": True,
+        # FSDP and DeepSpeed run the unfused vocabulary loss (their output layers are sharded outside the forward):
+        # the 1-process reference does too, so its teacher calls compare with theirs one for one.
+        "fused_vocabulary_loss": False,
     }
     defaults.update(overrides)
     return DistillationTrainingArguments(**defaults)
