@@ -103,7 +103,7 @@ class DataArguments:
 @dataclass
 class RecipeArguments(stages.RecipeArguments):
     latency_max_features: int = field(
-        default=512, metadata={"help": "Validation features each CPU throughput pass reads (the first ones)."}
+        default=512, metadata={"help": "Validation features each CPU throughput pass reads, spread over lengths."}
     )
 
 
@@ -139,6 +139,12 @@ def sorted_by_length(features):
     """The features, shortest first: evaluation batches with little padding (answers are matched by example_id)."""
     lengths = [len(ids) for ids in features["input_ids"]]
     return features.select(sorted(range(len(features)), key=lengths.__getitem__))
+
+
+def spread_sample(features, count: int):
+    """`count` features evenly spaced over the length-sorted features: every length, in similar-length batches."""
+    step = max(1, len(features) // count)
+    return features.select(range(0, len(features), step)[:count])
 
 
 def main(argv=None):
@@ -231,10 +237,8 @@ def main(argv=None):
     if not training_args.should_save:  # Only the main process reports, writes the card and pushes.
         return
     report, markdown = write_comparison(
-        models, metrics, MAIN_METRIC, eval_features.select(range(min(recipe_args.latency_max_features,
-                                                                     len(eval_features)))),
-        collator, output_dir, copy_to=[student_dir], batch_size=recipe_args.latency_batch_size,
-        rounds=recipe_args.latency_rounds,
+        models, metrics, MAIN_METRIC, spread_sample(eval_features, recipe_args.latency_max_features), collator,
+        output_dir, copy_to=[student_dir], batch_size=recipe_args.latency_batch_size, rounds=recipe_args.latency_rounds,
     )
     print(f"\nExtractive QA: teacher vs baseline vs distilled student (validation, F1)\n\n{markdown}")
     print("exact match: " + ", ".join(f"{name} {m['exact_match']:.4f}" for name, m in metrics.items()))
