@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 import datasets
 from datasets import concatenate_datasets
-from transformers import AutoConfig, AutoModelForQuestionAnswering, DataCollatorWithPadding, Trainer, set_seed
+from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, Trainer, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.recipe_support import stages
 from hf_distill.recipe_support.metrics import make_question_answering_compute_metrics
-from hf_distill.recipe_support.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model_path
+from hf_distill.recipe_support.models import check_same_tokenizer, load_model, load_tokenizer
 from hf_distill.recipe_support.stages import (
     TeacherStudentArguments,
     claim_output_dir,
@@ -107,18 +107,6 @@ class RecipeArguments(stages.RecipeArguments):
     )
 
 
-def check_teacher_head(name_or_path: str) -> None:
-    """Refuse a teacher with a head for another task: its logits are not start/end positions."""
-    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-    heads = [name for name in config.architectures or [] if name.split("For")[-1] != "QuestionAnswering"
-             and "For" in name]
-    if heads and not any(name.endswith("ForQuestionAnswering") for name in config.architectures):
-        raise ValueError(
-            f"The teacher {name_or_path!r} is a {heads[0]}, trained for another task. Use a question-answering "
-            "checkpoint, or a base checkpoint (no task head) that this recipe fine-tunes first."
-        )
-
-
 def load_splits(data_args):
     files = {"train": data_args.train_file, "validation": data_args.validation_file}
     raw = load_question_answering_data(
@@ -165,7 +153,6 @@ def main(argv=None):
     if model_args.student_model_name_or_path:
         check_same_tokenizer(tokenizer, load_tokenizer(model_args.student_model_name_or_path),
                              model_args.teacher_model_name_or_path, model_args.student_model_name_or_path)
-    check_teacher_head(model_args.teacher_model_name_or_path)
     num_labelled = min(data_args.max_train_samples or len(raw["train"]), len(raw["train"]))
     transfer_end = min(num_labelled + data_args.transfer_train_samples, len(raw["train"]))
 
