@@ -8,7 +8,8 @@ and F1, a report and a model card. The shape of transformers' `run_qa.py`.
 Stages: (1) teacher: a question-answering checkpoint used as given, or a base checkpoint fine-tuned on the task
 first; (2) its start/end logits cached per feature (every window of a long context is a feature); (3) student: a
 checkpoint or the teacher's layers, distilled over the labelled questions and optional transfer questions whose
-answers are dropped (distillation term only); `--baseline` trains the same init on the labelled questions alone.
+answers are dropped (distillation term only); `--baseline` trains the same init on the labelled questions alone
+(`--distill false`: the teacher and the baseline only).
 Scores: exact match and F1 (official SQuAD definitions, as fractions) of the answers that `run_qa.py`'s
 post-processing takes from the logits, on the validation questions.
 """
@@ -102,6 +103,11 @@ class DataArguments:
 
 @dataclass
 class RecipeArguments(stages.RecipeArguments):
+    distill: bool = field(
+        default=True,
+        metadata={"help": "Stages 2-3: cache the teacher and distil the student (false: teacher and --baseline only, "
+                  "e.g. to train the baseline in another process from a saved teacher)."},
+    )
     latency_max_features: int = field(
         default=512, metadata={"help": "Validation features each CPU throughput pass reads, spread over lengths."}
     )
@@ -148,6 +154,8 @@ def main(argv=None):
     output_dir = training_args.output_dir
 
     # Data, tokenizer and teacher: every check before the output folder is claimed and anything trains.
+    if not (recipe_args.distill or recipe_args.baseline):
+        raise ValueError("--distill false and --baseline false leave nothing to train: keep one of them.")
     raw = load_splits(data_args)
     tokenizer = load_tokenizer(model_args.teacher_model_name_or_path)
     if model_args.student_model_name_or_path:
@@ -196,14 +204,7 @@ def main(argv=None):
     def student_init():
         return new_student(teacher, AutoModelForQuestionAnswering, model_args, 2, None)
 
-    student_dir = os.path.join(output_dir, "student")
-    trainer = DistillationTrainer(
-        model=student_init(), teacher_model=teacher, args=dataclasses.replace(training_args, output_dir=student_dir),
-        train_dataset=distill, processing_class=tokenizer, data_collator=collator,
-    )
-    trainer.train()
-    trainer.save_model(student_dir)
-    models = {"teacher": (teacher, teacher_dir), "student": (trainer.student, student_dir)}
+    models = {"teacher": (teacher, teacher_dir)}
     if recipe_args.baseline:
         baseline_dir = os.path.join(output_dir, "baseline")
         baseline = Trainer(
@@ -212,8 +213,17 @@ def main(argv=None):
         )
         baseline.train()
         baseline.save_model(baseline_dir)
-        models = {"teacher": models["teacher"], "baseline": (baseline.model, baseline_dir),
-                  "student": models["student"]}
+        models["baseline"] = (baseline.model, baseline_dir)
+    student_dir = os.path.join(output_dir, "student")
+    if recipe_args.distill:
+        trainer = DistillationTrainer(
+            model=student_init(), teacher_model=teacher,
+            args=dataclasses.replace(training_args, output_dir=student_dir), train_dataset=distill,
+            processing_class=tokenizer, data_collator=collator,
+        )
+        trainer.train()
+        trainer.save_model(student_dir)
+        models["student"] = (trainer.student, student_dir)
 
     # Evaluation is collective (sharded data, gathered predictions): every process runs it. Trainer scores only
     # with labels, so the answers are taken from the gathered logits here.
@@ -225,10 +235,13 @@ def main(argv=None):
         return
     report, markdown = write_comparison(
         models, metrics, MAIN_METRIC, spread_sample(eval_features, recipe_args.latency_max_features), collator,
-        output_dir, copy_to=[student_dir], batch_size=recipe_args.latency_batch_size, rounds=recipe_args.latency_rounds,
+        output_dir, copy_to=[student_dir] if recipe_args.distill else [], batch_size=recipe_args.latency_batch_size,
+        rounds=recipe_args.latency_rounds,
     )
     print(f"\nExtractive QA: teacher vs baseline vs distilled student (validation, F1)\n\n{markdown}")
     print("exact match: " + ", ".join(f"{name} {m['exact_match']:.4f}" for name, m in metrics.items()))
+    if not recipe_args.distill:
+        return
 
     settings = {
         **({"teacher_finetune": {"epochs": model_args.teacher_num_train_epochs,

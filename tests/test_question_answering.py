@@ -269,6 +269,20 @@ def test_recipe_squad_v2(tmp_path):
     assert "teacher_finetune" not in ModelCard.load(os.path.join(output_dir, "student", "README.md")).data.distillation
 
 
+def test_recipe_baseline_alone(tmp_path):
+    teacher = save_qa_teacher(str(tmp_path / "teacher"), with_head=True)
+    output_dir = tmp_path / "run"
+    qa_recipe.main(qa_recipe_args(teacher, str(output_dir), "--distill", "false"))
+    with open(output_dir / "results.json") as file:
+        rows = json.load(file)["rows"]
+    assert [row["name"] for row in rows] == ["teacher", "baseline"]
+    assert not (output_dir / "student").exists()
+    baseline = AutoModelForQuestionAnswering.from_pretrained(output_dir / "baseline")
+    expected = student_scores(baseline, AutoTokenizer.from_pretrained(teacher),
+                              os.path.join(QA_FIXTURES, "validation.jsonl"))
+    assert rows[1]["all_metrics"]["f1"] == pytest.approx(expected["f1"], abs=1e-6)
+
+
 # ---- bad input: a clear error before any work, no output folder ----
 
 
@@ -312,6 +326,13 @@ def test_unanswerable_validation_without_v2(tmp_path):
     teacher = save_qa_teacher(str(tmp_path / "teacher"))
     with pytest.raises(ValueError, match="Question 'n000' of the validation split has no answer"):
         qa_recipe.main(qa_recipe_args(teacher, str(tmp_path / "run"), validation_file="validation_v2.jsonl"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_nothing_to_train(tmp_path):
+    teacher = save_qa_teacher(str(tmp_path / "teacher"))
+    with pytest.raises(ValueError, match="--distill false and --baseline false leave nothing to train"):
+        qa_recipe.main(qa_recipe_args(teacher, str(tmp_path / "run"), "--distill", "false", "--baseline", "false"))
     assert not (tmp_path / "run").exists()
 
 
