@@ -1,7 +1,9 @@
-"""The token- and image-classification recipes' targets, measured: run a shipped config over seeds and print the
-figures from each run's results.json (validation and test metric, retention, CPU speed-up) and their means.
+"""The token-classification, question-answering and image-classification recipes' targets, measured: run a shipped
+config over seeds and print the figures from each run's results.json (validation and test metric, retention, CPU
+speed-up) and their means.
 
     nice python benchmarks/bench_tasks.py recipes/configs/conll2003_minilm.yaml --seeds 42
+    nice python benchmarks/bench_tasks.py recipes/configs/squad_minilm.yaml --seeds 42 43 44
     nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44
     nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 43 44 --set augment=true
     nice python benchmarks/bench_tasks.py recipes/configs/digits_vit.yaml --seeds 42 --set "teacher_seeds=[1, 2]"
@@ -21,7 +23,8 @@ import sys
 import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = {"conll2003": "token_classification.py", "digits": "image_classification.py"}
+RECIPES = {"conll2003": "token_classification.py", "digits": "image_classification.py",
+           "squad": "question_answering.py"}
 
 
 def recipe_for(config_path: str) -> str:

@@ -41,6 +41,7 @@ _EXAMPLE_INPUTS = {
 _METRIC_TYPES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
 _METRIC_DISPLAY_NAMES = {
     "accuracy": "Accuracy",
+    "exact_match": "Exact match",
     "f1": "F1",
     "matthews_correlation": "Matthews correlation",
     "pearson": "Pearson correlation",

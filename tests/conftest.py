@@ -583,3 +583,69 @@ def accelerate_launch(script, args, num_processes=2, timeout=1200):
         log, _ = process.communicate()
         log += f"\n[accelerate_launch] killed after {timeout} s: a rank hung"
     return process.returncode, log
+
+
+# ---- the question-answering recipe on the QA fixtures ----
+
+QA_FIXTURES = os.path.join(REPO, "tests", "fixtures", "qa")
+"""Made-up paragraphs and questions in the squad columns (tests/fixtures/qa/generate.py)."""
+import question_answering as qa_recipe  # noqa: E402, F401 (for the recipe's tests) - recipes/question_answering.py
+
+
+def qa_words():
+    """The fixtures' words and punctuation, lower-cased as BERT's basic tokenizer splits them; words of 7+ letters
+    split into `abcd ##rest` so that answers may start or end inside a word's pieces."""
+    import json
+    import re
+
+    words = set()
+    for name in ("train.jsonl", "validation_v2.jsonl"):
+        with open(os.path.join(QA_FIXTURES, name), encoding="utf-8") as file:
+            for line in file:
+                row = json.loads(line)
+                words.update(re.findall(r"\w+|[^\w\s]", (row["context"] + " " + row["question"]).lower()))
+    pieces = set()
+    for word in words:
+        pieces.update([word[:4], "##" + word[4:]] if len(word) >= 7 else [word])
+    return sorted(pieces)
+
+
+def save_qa_teacher(folder, with_head=False, seed=1):
+    """A tiny random BERT (4 layers, 64 positions) with a tokenizer over the fixtures' words: a base model, or with a
+    question-answering head."""
+    from transformers import BertForQuestionAnswering
+
+    tokenizer = tiny_tokenizer(folder, qa_words())
+    torch.manual_seed(seed)
+    config = tiny_bert(hidden_size=32, num_layers=4).config
+    config.vocab_size, config.num_labels = len(tokenizer), 2
+    model = BertForQuestionAnswering(config)
+    (model if with_head else model.bert).save_pretrained(folder)
+    return folder
+
+
+def qa_recipe_args(teacher, output_dir, *extra, validation_file="validation.jsonl"):
+    """Command-line arguments of a fast question-answering run on the QA fixtures; `extra` are appended."""
+    return [
+        "--train_file", os.path.join(QA_FIXTURES, "train.jsonl"),
+        "--validation_file", os.path.join(QA_FIXTURES, validation_file),
+        "--teacher_model_name_or_path", teacher,
+        "--student_num_layers", "2",
+        "--output_dir", output_dir,
+        "--max_seq_length", "40",
+        "--doc_stride", "12",
+        "--max_answer_length", "12",
+        "--per_device_train_batch_size", "16",
+        "--num_train_epochs", "1",
+        "--teacher_num_train_epochs", "1",
+        "--learning_rate", "1e-3",
+        "--teacher_learning_rate", "1e-3",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        "--latency_batch_size", "16",
+        "--latency_rounds", "1",
+        "--teacher_cache_dir", output_dir + "_cache",
+        *extra,
+    ]

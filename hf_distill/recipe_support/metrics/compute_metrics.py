@@ -5,8 +5,10 @@ from collections.abc import Callable
 import numpy as np
 
 from ..glue import UNLABELLED, GlueTask, get_task
+from ..tasks.question_answering import postprocess_qa_predictions
 from .glue import GlueMetric
 from .seqeval import SeqevalMetric
+from .squad import SquadMetric
 
 IGNORED_LABELS = (-100, UNLABELLED)
 """Label values of examples left out of the metrics: -100 (the loss's ignore index) and -1 (unlabelled)."""
@@ -68,5 +70,35 @@ def make_token_classification_compute_metrics(label_names) -> Callable[..., dict
         if not any(gold_tags):
             return {}
         return metric.compute(predictions=predicted_tags, references=gold_tags)
+
+    return compute_metrics
+
+
+def make_question_answering_compute_metrics(
+    examples, features, version_2_with_negative: bool = False, n_best_size: int = 20, max_answer_length: int = 30,
+    null_score_diff_threshold: float = 0.0,
+) -> Callable[..., dict[str, float]]:
+    """
+    Build a function that scores extractive-QA predictions with `SquadMetric` (`"squad"` or `"squad_v2"`).
+
+    The returned function takes an `EvalPrediction` (or a tuple) whose `predictions` are `(start_logits,
+    end_logits)`, each `(num_features, seq_len)`, in the order of `features` (`prepare_validation_features` of
+    `examples`); `postprocess_qa_predictions` turns them into one answer per question of `examples`. Trainer only
+    calls `compute_metrics` with labels, so call it on `Trainer.predict`'s predictions (in order: no length
+    grouping).
+    """
+    metric = SquadMetric("squad_v2" if version_2_with_negative else "squad", keep_in_memory=True)
+    references = [{"id": id_, "answers": answers} for id_, answers in zip(examples["id"], examples["answers"])]
+
+    def compute_metrics(eval_prediction) -> dict[str, float]:
+        predictions = getattr(eval_prediction, "predictions", eval_prediction)
+        start_logits, end_logits = predictions[:2]
+        answers = postprocess_qa_predictions(
+            examples, features, np.asarray(start_logits), np.asarray(end_logits), version_2_with_negative,
+            n_best_size, max_answer_length, null_score_diff_threshold,
+        )
+        return metric.compute(
+            predictions=[{"id": id_, "prediction_text": text} for id_, text in answers.items()], references=references
+        )
 
     return compute_metrics
