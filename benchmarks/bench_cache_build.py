@@ -5,8 +5,8 @@ Two teachers, random weights (speed does not depend on them):
 - `minilm`: MiniLM-shaped (6x384, `bench_speed.minilm`) on SST-2 train sentences tokenized by the MiniLM tokenizer
   (max length 64), dense logits, shards of 2,048 sentences (the default);
 - `llama`: Llama-shaped (SmolLM2-135M's width and vocabulary, 8 layers, `bench_speed.llama`) on random blocks of
-  128 tokens, a top-256 cache (the default k), batches of 4 blocks, shards of 24 blocks (`--llama_shard_examples`:
-  the default 2,048 would take an hour a shard here).
+  128 tokens, a top-256 cache (the default k), batches of 4 blocks, shards of 24 blocks (`--llama_shard_examples`;
+  shards of the default 2,048 blocks would take ~5 minutes each here).
 
 Each dataset is 4 shards, so 2 processes get 2 each. Figures, each against its target:
 
@@ -22,7 +22,7 @@ medians, and the per-round ratios' min / median / max are printed beside them. E
 the same span are printed too: they leave out the time spent waiting for a core, so on a loaded machine the
 busiest process's CPU time says what the wall clock would with a core per process.
 
-    PYTHONPATH=. python benchmarks/bench_cache_build.py                # 3 rounds, ~15 minutes on 2 quiet cores
+    PYTHONPATH=. python benchmarks/bench_cache_build.py                # 3 rounds, ~10 minutes on 2 quiet cores
     PYTHONPATH=. python benchmarks/bench_cache_build.py --teachers minilm --rounds 5
     PYTHONPATH=. python benchmarks/bench_cache_build.py --quick        # smoke test: 1 round, small shards
 
