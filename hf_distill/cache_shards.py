@@ -114,10 +114,12 @@ def remove_shards(path: str, empty_only: bool = False) -> None:
 
 
 def _process_group():
+    """The gloo group of the builds, one per default process group (a destroyed and re-created one gets its own)."""
     global _group
-    if _group is None:
-        _group = torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
-    return _group
+    world = torch.distributed.group.WORLD
+    if _group is None or _group[0] is not world:
+        _group = (world, torch.distributed.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    return _group[1]
 
 
 def gather(value, state) -> list:
