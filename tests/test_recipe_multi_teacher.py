@@ -168,6 +168,23 @@ def test_teachers_from_a_yaml_list_or_string(tmp_path):
         assert model_args.teacher_model_name_or_path == expected and model_args.teacher_seeds == [1, 2]
 
 
+
+def test_a_config_file_then_command_line_settings_that_override_it(tmp_path):
+    dataclasses = (recipe.ModelArguments, recipe.DataArguments, recipe.RecipeArguments,
+                   recipe.DistillationTrainingArguments)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"task_name: sst2\nteacher_model_name_or_path: a\nseed: 3\nlearning_rate: 1.0e-4\n"
+                      f"output_dir: {tmp_path / 'out'}\n")
+    model_args, data_args, _, training_args = recipe.parse_args(
+        dataclasses, [str(config), "--seed", "43", "--output_dir", str(tmp_path / "out43")]
+    )
+    assert model_args.teacher_model_name_or_path == ["a"] and data_args.task_name == "sst2"
+    assert (training_args.seed, training_args.learning_rate) == (43, 1e-4)
+    assert training_args.output_dir == str(tmp_path / "out43")
+    config.write_text("task_name: sst2\nteacher_model_name_or_path: a\nlearning_rat: 1.0e-4\n")
+    with pytest.raises(ValueError, match=r"sets \['learning_rat'\], which no argument of this recipe has"):
+        recipe.parse_args(dataclasses, [str(config)])
+
 # ---- bad teacher sets: a clear error before any work, the output folder unclaimed ----
 
 

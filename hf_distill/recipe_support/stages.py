@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
+import yaml
 from accelerate import PartialState
 from huggingface_hub import HfApi
 from transformers import EvalPrediction, HfArgumentParser, Trainer
@@ -66,12 +67,21 @@ class TeacherStudentArguments(StudentInitArguments):
 
 
 def parse_args(dataclass_types, argv: list[str]):
-    """The dataclasses from the command line, or from one YAML or JSON file given alone."""
+    """The dataclasses from the command line, or from a YAML or JSON file followed by command-line settings that
+    override the file's (`recipe.py run.yaml --seed 43 --output_dir out43`)."""
     parser = HfArgumentParser(dataclass_types)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(os.path.abspath(argv[0]))
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        with open(argv[0]) as file:
+            config = yaml.safe_load(file) if argv[0].endswith((".yaml", ".yml")) else json.load(file)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{argv[0]} sets {unknown}, which no argument of this recipe has: remove or rename them "
+                             "(`--help` lists the arguments).")
+        parser.set_defaults(**config)
+        for action in parser._actions:
+            action.required = action.required and action.dest not in config
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(argv)
 
 
