@@ -23,11 +23,13 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 from transformers import Trainer, default_data_collator, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
 from hf_distill.heads import CausalLMHead
+from hf_distill.layer_pruning import MEASURED_LAYER_CHOICES, choose_layers
 from hf_distill.recipe_support import stages
 from hf_distill.recipe_support.models import check_same_tokenizer, load_causal_lm, load_lm_tokenizer
 from hf_distill.recipe_support.report import (
@@ -70,6 +72,16 @@ class ModelArguments(stages.StudentInitArguments):
     )
     student_num_layers: int = field(
         default=6, kw_only=True, metadata={"help": "Layers of a student initialised from the teacher."}
+    )
+    student_layer_init: str = field(
+        default="uniform", kw_only=True,
+        metadata={"help": "Teacher layers copied into the student: 'uniform', 'first', a JSON list like [0,2,5], or "
+                          "measured on the first --layer_selection_blocks training blocks: 'greedy_removal' (remove, "
+                          "one at a time, the layer whose removal raises the teacher's LM loss least) or "
+                          "'block_influence' (keep the layers that turn the hidden states most, ShortGPT)."},
+    )
+    layer_selection_blocks: int = field(
+        default=16, kw_only=True, metadata={"help": "Training blocks a measured --student_layer_init reads."}
     )
 
 
@@ -143,20 +155,33 @@ def main(argv=None):
         check_same_tokenizer(tokenizer, load_lm_tokenizer(model_args.student_model_name_or_path),
                              model_args.teacher_model_name_or_path, model_args.student_model_name_or_path)
 
+    head = CausalLMHead()
+    check_top_k(training_args.teacher_cache_top_k, len(tokenizer))
+    # A layer choice measured on the training text (a student copied from the teacher) is made once the text is
+    # tokenized; every other student is built and checked here, before any work.
+    measured = not model_args.student_model_name_or_path and model_args.student_layer_init in MEASURED_LAYER_CHOICES
+    layers = None if measured else model_args.student_layers()
+
     def new_student():
         if model_args.student_model_name_or_path:
             return load_causal_lm(model_args.student_model_name_or_path)
-        return init_student_from_teacher(teacher, model_args.student_num_layers, model_args.student_layers())
+        return init_student_from_teacher(teacher, model_args.student_num_layers, layers)
 
-    student = new_student()
-    head = CausalLMHead()
-    check_compatible(student, teacher, head, tokenizer)
-    check_block_size(data_args.block_size, {"teacher": teacher.config, "student": student.config})
-    check_top_k(training_args.teacher_cache_top_k, len(tokenizer))
+    student = None if measured else new_student()
+    configs = {"teacher": teacher.config, **({"student": student.config} if student is not None else {})}
+    check_block_size(data_args.block_size, configs)
+    if student is not None:
+        check_compatible(student, teacher, head, tokenizer)
 
     blocks = group_texts(raw, tokenizer, data_args.text_column, data_args.block_size,
                          {"train": data_args.max_train_blocks, "validation": data_args.max_eval_blocks})
     lm_train = blocks["train"]
+    layer_selection = None
+    if measured:
+        layer_selection = measure_layers(teacher, lm_train, model_args, training_args)
+        layers = layer_selection["kept"]
+        student = new_student()
+        check_compatible(student, teacher, head, tokenizer)
 
     # Stage 1: sequence-level distillation data (teacher continuations, cached and fingerprinted).
     distill_train = lm_train
@@ -211,10 +236,26 @@ def main(argv=None):
     if not training_args.should_save:  # the main process evaluates, reports and writes the card
         return
     report, markdown, paths = compare_models(rows_models, blocks["validation"], raw["validation"], tokenizer,
-                                             data_args, recipe_args, on_policy_summary(trainer))
+                                             data_args, recipe_args, on_policy_summary(trainer), layer_selection)
     print(f"\nTeacher vs baseline vs distilled student, held-out text\n\n{markdown}")
     if trainer is not None:
         write_model_card(trainer, report, markdown, paths, model_args, data_args, training_args, student_dir)
+
+
+def measure_layers(teacher, train_blocks, model_args, training_args) -> dict:
+    """`choose_layers` on the first `--layer_selection_blocks` training blocks, batches of the training batch size,
+    under bfloat16 autocast with `--bf16`."""
+    selection_blocks = train_blocks.select(range(min(model_args.layer_selection_blocks, len(train_blocks))))
+    batch_size = training_args.per_device_train_batch_size
+    batches = [default_data_collator([selection_blocks[i] for i in range(start, min(start + batch_size,
+                                                                                        len(selection_blocks)))])
+               for start in range(0, len(selection_blocks), batch_size)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=training_args.bf16 and teacher.device.type == "cpu"):
+        selection = choose_layers(teacher, batches, model_args.student_num_layers, model_args.student_layer_init)
+    selection["blocks"] = len(selection_blocks)
+    logger.warning(f"Student layers by {selection['method']} on {len(selection_blocks)} training blocks: teacher "
+                   f"layers {selection['kept']} kept, {selection['removed']} removed.")
+    return selection
 
 
 def lm_training_steps(num_blocks: int, args) -> int:
@@ -233,9 +274,11 @@ def on_policy_summary(trainer) -> dict | None:
             "on_policy": [list(batch) for batch in trainer.on_policy.batches]}
 
 
-def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, recipe_args, on_policy=None):
+def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, recipe_args, on_policy=None,
+                   layer_selection=None):
     """Perplexity, agreement with the teacher, size and CPU tokens/s of each model, and sample generations; and
-    `on_policy`, which training micro-batches were the student's own completions."""
+    `on_policy`, which training micro-batches were the student's own completions; `layer_selection`, how the
+    student's layers were chosen (`choose_layers`)."""
     metrics = {}
     teacher_predictions = None
     for name, model, _ in rows_models:
@@ -270,7 +313,12 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     report["eval_tokens"] = metrics["teacher"]["num_tokens"]
     if on_policy is not None:
         report["on_policy"] = on_policy
+    if layer_selection is not None:
+        report["layer_selection"] = layer_selection
     paths = write_report(report, os.path.dirname(rows_models[0][2]))
+    if layer_selection is not None:
+        with open(paths["markdown"], "a", encoding="utf-8") as file:
+            file.write(f"\n{describe_layer_selection(layer_selection)}\n")
     if on_policy is not None:
         steps = sorted({step for step, _ in on_policy["on_policy"]})
         with open(paths["markdown"], "a", encoding="utf-8") as file:
@@ -281,6 +329,21 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     with open(paths["markdown"], encoding="utf-8") as file:
         markdown = file.read()
     return report, markdown, paths
+
+
+def describe_layer_selection(selection: dict) -> str:
+    """One paragraph: which teacher layers the student kept, and the measure that chose them."""
+    if selection["method"] == "greedy_removal":
+        losses = selection["losses"]
+        steps = ", ".join(f"{layer} (loss {loss:.3f})" for layer, loss in zip(selection["removed"], losses[1:]))
+        why = (f"removed one at a time, each time the layer whose removal raised the teacher's LM loss on "
+               f"{selection['blocks']} training blocks least (full teacher {losses[0]:.3f}): {steps}")
+    else:
+        influence = selection["influence"]
+        steps = ", ".join(f"{layer} ({influence[layer]:.4f})" for layer in selection["removed"])
+        why = (f"removed for the lowest block influence (1 - cosine of each layer's input and output, "
+               f"{selection['blocks']} training blocks): {steps}")
+    return f"Student layers: the teacher's layers {selection['kept']}; the others {why}."
 
 
 def write_model_card(trainer, report, markdown, paths, model_args, data_args, training_args, student_dir):
@@ -294,6 +357,8 @@ def write_model_card(trainer, report, markdown, paths, model_args, data_args, tr
         "block_size": data_args.block_size,
         "train_blocks": len(trainer.train_dataset),
         "teacher_generations": data_args.teacher_generations,
+        **({"student_layers": report["layer_selection"]["kept"],
+            "student_layer_choice": report["layer_selection"]["method"]} if "layer_selection" in report else {}),
         **({"max_steps": args.max_steps} if args.max_steps > 0 else {}),
     }
     teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path

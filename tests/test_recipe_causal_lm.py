@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_distill.cache
 import hf_distill.recipe_support.tasks.sequence_kd
+from hf_distill.layer_pruning import greedy_layer_removal
 
 BLOCK = 32
 
@@ -84,6 +85,29 @@ def test_student_is_built_from_teacher_layers_and_keeps_its_tied_embeddings(llam
     assert student.config.hf_distill_init_layers == [0, 3]
     assert student.get_output_embeddings().weight is student.get_input_embeddings().weight
 
+
+
+def test_student_layers_chosen_by_greedy_removal_on_the_first_training_blocks(tmp_path):
+    teacher = save_lm_teacher(str(tmp_path / "teacher"), num_layers=5)
+    output_dir = str(tmp_path / "out")
+    lm_recipe.main(lm_recipe_args(teacher, output_dir, "--student_layer_init", "greedy_removal",
+                                  "--layer_selection_blocks", "12", "--student_num_layers", "2", "--baseline", "false"))
+    # The reference: the same measure on blocks built here from the text, batches of 8 like training's.
+    blocks = torch.tensor(reference_blocks(teacher, "train.txt")[:12])
+    batches = [{"input_ids": part, "attention_mask": torch.ones_like(part), "labels": part} for part in blocks.split(8)]
+    records = greedy_layer_removal(AutoModelForCausalLM.from_pretrained(teacher), batches, 2, show_progress=False)
+    removed = [record["layer"] for record in records[1:]]
+    kept = [layer for layer in range(5) if layer not in removed]
+    with open(os.path.join(output_dir, "results.json")) as file:
+        selection = json.load(file)["layer_selection"]
+    assert (selection["kept"], selection["removed"], selection["blocks"]) == (kept, removed, 12)
+    assert selection["losses"] == pytest.approx([record["loss"] for record in records], rel=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(f"{output_dir}/student").config.hf_distill_init_layers == kept
+    with open(os.path.join(output_dir, "report.md")) as file:
+        assert f"Student layers: the teacher's layers {kept}; the others removed one at a time" in file.read()
+    card = ModelCard.load(os.path.join(output_dir, "student", "README.md"))
+    assert card.data.distillation["student_layers"] == kept
+    assert card.data.distillation["student_layer_choice"] == "greedy_removal"
 
 def test_card_parses_with_its_model_index(llama_run):
     _, output_dir = llama_run
