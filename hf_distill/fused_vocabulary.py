@@ -28,6 +28,17 @@ FUSED_CHUNK_ELEMENTS = 2**24
 CHECKED_ROWS = 16
 
 
+def matmul_dtype(device_type: str) -> torch.dtype:
+    """bfloat16 or float16 under autocast on `device_type`, float32 otherwise."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`a @ b` with both in `dtype` (AMX / tensor cores for bfloat16), returned in float32."""
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.to(dtype) @ b.to(dtype)).float()
+
+
 @dataclass
 class OutputLayer:
     """How a model turns last hidden states `(rows, hidden)` into logits: `softcap(scale * (h @ weight.T + bias))`
@@ -41,12 +52,13 @@ class OutputLayer:
     num_classes: int | None = None
 
     def project(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        """Float32 logits before the transform, `(rows, classes)`; `weight` and `bias` default to the layer's."""
-        weight = self.classes(self.weight).float() if weight is None else weight
+        """Float32 logits before the transform, `(rows, classes)`; `weight` and `bias` default to the layer's. The
+        matmul runs in the autocast dtype where autocast is on (as the model's own output layer would), its result
+        and everything after in float32."""
+        weight = self.classes(self.weight) if weight is None else weight
         if bias is None and self.bias is not None:
             bias = self.classes(self.bias).float()
-        with torch.autocast(hidden.device.type, enabled=False):  # the loss arithmetic stays in float32
-            logits = hidden.float() @ weight.T
+        logits = matmul(hidden, weight.T, matmul_dtype(hidden.device.type))
         return logits if bias is None else logits + bias
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
@@ -138,7 +150,9 @@ class _FusedVocabularyLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, layer, target, label_targets, kd_weights, ce_weights, row_terms,
                 rows_per_chunk, needs_grad, on_teacher_chunk):
         rows = hidden.shape[0]
+        dtype = matmul_dtype(hidden.device.type)
         classes_weight = layer.classes(weight).detach().float()
+        matmul_weight = classes_weight.to(dtype)  # cast once, not per chunk
         classes_bias = None if bias is None else layer.classes(bias).detach().float()
         num_classes = classes_weight.shape[0]
         kd_rows = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
@@ -155,7 +169,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             teacher = (teacher.ids, teacher.log_probs, teacher.rest_probs) if isinstance(teacher, TopKTarget) else (
                 teacher,)
             with torch.enable_grad():
-                projected = layer.project(chunk_hidden, classes_weight, classes_bias).requires_grad_(needs_grad)
+                projected = layer.project(chunk_hidden, matmul_weight, classes_bias).requires_grad_(needs_grad)
                 logits = layer.transform(projected)
                 terms = row_terms(logits, label_targets[start:stop], *teacher)
                 if needs_grad:
@@ -165,8 +179,11 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             if not needs_grad:  # evaluation: the top-1 agreement with the teacher is logged
                 student_top[start:stop] = logits.argmax(-1)
             if needs_grad:
-                grad_hidden[start:stop] = grad_logits @ classes_weight
-                grad_weight.addmm_(grad_logits.T, chunk_hidden)
+                grad_hidden[start:stop] = matmul(grad_logits, matmul_weight, dtype)
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.T, chunk_hidden)
+                else:
+                    grad_weight += matmul(grad_logits.T, chunk_hidden, dtype)
                 grad_bias += grad_logits.sum(0)
         total = (kd_rows * kd_weights).sum() + (ce_rows * ce_weights).sum()
         if needs_grad:

@@ -183,6 +183,27 @@ def test_rows_without_labels_give_the_distillation_term_alone():
     assert results[0][0] == pytest.approx(0.5 * results[0][1]["loss_kd"], rel=1e-6)
 
 
+
+def test_under_bf16_autocast_the_projections_run_in_bfloat16_as_the_unfused_output_layer_would():
+    """Both paths project in bfloat16 under autocast (the unfused one through the same layer, as a model's
+    `lm_head` would be autocast) and compute the loss in float32: they agree to bfloat16's rounding of the chunked
+    sums, far closer than either is to the float32 loss."""
+    hidden, layer, teacher_hidden, teacher_layer, targets = rows_and_layer(softcap=4.0, scale=0.8)
+    args = DistillationTrainingArguments(output_dir="unused", temperature=2.0, report_to=[], alpha=0.4)
+    objective = DistillationObjective(CausalLMHead(), args, "kl", top_k=8)
+    student, teacher = ProjectedRows(hidden, layer), ProjectedRows(teacher_hidden, teacher_layer)
+    float32 = both_paths(objective, units_of(targets), student, teacher, None, teacher_layer.logits(teacher_hidden))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        teacher_logits = teacher_layer.logits(teacher_hidden)
+        assert teacher_logits.dtype == torch.float32
+        bf16 = both_paths(objective, units_of(targets), student, teacher, None, teacher_logits)
+    (fused_loss, _, fused_grads), (loss, _, grads) = bf16
+    assert fused_loss == pytest.approx(loss, rel=1e-3)
+    assert abs(fused_loss - loss) < abs(fused_loss - float32[0][0]) / 5
+    for fused_grad, grad, exact in zip(fused_grads, grads, float32[0][2]):
+        torch.testing.assert_close(fused_grad, grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
+        assert (fused_grad - grad).abs().max() < (fused_grad - exact).abs().max()
+
 # ---- in the trainer ----
 
 def lm_trainer(tmp_path, name, student=None, teacher=None, **overrides):
