@@ -77,13 +77,19 @@ def most_influential(influence: list[float], num_layers: int) -> list[int]:
     return sorted(sorted(range(len(influence)), key=lambda layer: -influence[layer])[:num_layers])
 
 
-def greedy_layer_removal(model, batches, num_layers: int, show_progress: bool = True) -> list[dict]:
+def greedy_layer_removal(model, batches, num_layers: int, show_progress: bool = True,
+                         candidates: int | None = None) -> list[dict]:
     """Remove layers one at a time until `num_layers` are left, each time the one whose removal raises the loss on
     `batches` least (the layers removed before it skipped).
 
+    Args:
+        candidates: after the first round (every layer), try only this many layers a round: those whose removal
+            cost least in the round before. None tries every remaining layer every round (exact greedy).
+
     Returns:
-        One record a removal, in order: `{"layer": 0-based index, "loss": the loss without it and all before it}`,
-        after a first record `{"layer": None, "loss": the full model's loss}`.
+        One record a removal, in order: `{"layer": 0-based index, "loss": the loss without it and all before it,
+        "tried": {layer: loss} of every layer tried that round}`, after a first record `{"layer": None, "loss": the
+        full model's loss}`.
     """
     depth = len(find_layer_stack(model)[1])
     if not 1 <= num_layers <= depth:
@@ -91,18 +97,24 @@ def greedy_layer_removal(model, batches, num_layers: int, show_progress: bool = 
     was_training = model.training
     model.eval()
     removed, records = [], [{"layer": None, "loss": mean_loss(model, batches)}]
-    evaluations = sum(depth - step for step in range(depth - num_layers))
+    evaluations = sum(depth - step if step == 0 or candidates is None else min(candidates, depth - step)
+                      for step in range(depth - num_layers))
     progress = tqdm(total=evaluations, desc="Layer removal", disable=not show_progress)
+    latest = {}  # each layer's loss when last tried
     try:
         while len(removed) < depth - num_layers:
+            remaining = [layer for layer in range(depth) if layer not in removed]
+            if candidates is not None and latest:  # the cheapest removals when last measured
+                remaining = sorted(sorted(remaining, key=latest.get)[:candidates])
             losses = {}
-            for layer in sorted(set(range(depth)) - set(removed)):
+            for layer in remaining:
                 with skipped_layers(model, [*removed, layer]):
                     losses[layer] = mean_loss(model, batches)
                 progress.update()
+            latest.update(losses)
             best = min(losses, key=losses.get)
             removed.append(best)
-            records.append({"layer": best, "loss": losses[best]})
+            records.append({"layer": best, "loss": losses[best], "tried": losses})
     finally:
         progress.close()
         model.train(was_training)
@@ -117,9 +129,10 @@ def kept_layers(num_layers_total: int, removed: list[int]) -> list[int]:
 MEASURED_LAYER_CHOICES = ("greedy_removal", "block_influence")
 
 
-def choose_layers(model, batches, num_layers: int, method: str, show_progress: bool = True) -> dict:
+def choose_layers(model, batches, num_layers: int, method: str, show_progress: bool = True,
+                  candidates: int | None = None) -> dict:
     """The `num_layers` layers of `model` a shallower copy keeps, by `method` (one of `MEASURED_LAYER_CHOICES`)
-    measured on `batches`.
+    measured on `batches`; `candidates` as in `greedy_layer_removal`.
 
     Returns:
         `{"method", "kept": 0-based layers in order, "removed": in removal order (greedy) or of lowest influence
@@ -127,7 +140,7 @@ def choose_layers(model, batches, num_layers: int, method: str, show_progress: b
     """
     depth = len(find_layer_stack(model)[1])
     if method == "greedy_removal":
-        records = greedy_layer_removal(model, batches, num_layers, show_progress)
+        records = greedy_layer_removal(model, batches, num_layers, show_progress, candidates)
         removed = [record["layer"] for record in records[1:]]
         return {"method": method, "kept": kept_layers(depth, removed), "removed": removed,
                 "losses": [record["loss"] for record in records]}

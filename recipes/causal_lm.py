@@ -49,6 +49,7 @@ from hf_distill.recipe_support.tasks.causal_lm import (
     greedy_generations,
     group_texts,
     load_text_data,
+    teacher_scored_continuations,
 )
 from hf_distill.recipe_support.tasks.sequence_kd import with_teacher_generations
 from hf_distill.student_init import init_student_from_teacher
@@ -82,6 +83,11 @@ class ModelArguments(stages.StudentInitArguments):
     )
     layer_selection_blocks: int = field(
         default=16, kw_only=True, metadata={"help": "Training blocks a measured --student_layer_init reads."}
+    )
+    layer_selection_candidates: int | None = field(
+        default=None, kw_only=True,
+        metadata={"help": "greedy_removal: after trying every layer once, try only this many a round (those whose "
+                          "removal cost least when last tried); default every remaining layer, every round."},
     )
 
 
@@ -124,6 +130,12 @@ class RecipeArguments(stages.RecipeArguments):
     sample_max_new_tokens: int = field(default=24, metadata={"help": "Tokens each sample generation adds."})
     latency_batch_size: int = field(default=8, metadata={"help": "Blocks per batch of the CPU throughput measure."})
     latency_max_blocks: int = field(default=32, metadata={"help": "Held-out blocks each throughput pass reads."})
+    scored_prompts: int = field(
+        default=16, metadata={"help": "Held-out block starts each model continues greedily for the teacher to "
+                                      "score (its log-likelihood a token: what on-policy training raises); 0: none."}
+    )
+    scored_prompt_tokens: int = field(default=32, metadata={"help": "Tokens of each scored prompt."})
+    scored_new_tokens: int = field(default=32, metadata={"help": "Tokens of each scored continuation."})
 
 
 def main(argv=None):
@@ -251,7 +263,8 @@ def measure_layers(teacher, train_blocks, model_args, training_args) -> dict:
                                                                                         len(selection_blocks)))])
                for start in range(0, len(selection_blocks), batch_size)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=training_args.bf16 and teacher.device.type == "cpu"):
-        selection = choose_layers(teacher, batches, model_args.student_num_layers, model_args.student_layer_init)
+        selection = choose_layers(teacher, batches, model_args.student_num_layers, model_args.student_layer_init,
+                                  candidates=model_args.layer_selection_candidates)
     selection["blocks"] = len(selection_blocks)
     logger.warning(f"Student layers by {selection['method']} on {len(selection_blocks)} training blocks: teacher "
                    f"layers {selection['kept']} kept, {selection['removed']} removed.")
@@ -281,11 +294,17 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     student's layers were chosen (`choose_layers`)."""
     metrics = {}
     teacher_predictions = None
+    teacher = rows_models[0][1]
+    scored_prompts = torch.tensor(eval_blocks[: max(1, recipe_args.scored_prompts)]["input_ids"],
+                                  dtype=torch.long)[: recipe_args.scored_prompts, : recipe_args.scored_prompt_tokens]
     for name, model, _ in rows_models:
         result = evaluate_lm(model.to("cpu"), eval_blocks, teacher_predictions=teacher_predictions)
         if name == "teacher":
             teacher_predictions = result["predictions"]
             result["teacher_agreement"] = 1.0
+        if len(scored_prompts):
+            scored = teacher_scored_continuations(model, teacher, scored_prompts, recipe_args.scored_new_tokens)
+            result["teacher_log_likelihood"] = scored["teacher_log_likelihood"]
         metrics[name] = {key: value for key, value in result.items() if key != "predictions"}
     latency_blocks = eval_blocks.select(range(min(recipe_args.latency_max_blocks, len(eval_blocks))))
     throughput = compare_throughput(
@@ -307,10 +326,15 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     ]
     report = build_report(
         rows, "perplexity", higher_is_better=False, throughput_unit="tokens/s",
-        columns=[("teacher_agreement", "top-1 agreement", "{:.1%}")], generations=generations,
+        columns=[("teacher_agreement", "top-1 agreement", "{:.1%}")]
+        + ([("teacher_log_likelihood", "teacher log-lik. of greedy text", "{:.3f}")] if len(scored_prompts) else []),
+        generations=generations,
     )
     report["block_size"] = data_args.block_size
     report["eval_tokens"] = metrics["teacher"]["num_tokens"]
+    if len(scored_prompts):
+        report["scored_continuations"] = {"prompts": len(scored_prompts), "prompt_tokens": scored_prompts.shape[1],
+                                          "new_tokens": recipe_args.scored_new_tokens}
     if on_policy is not None:
         report["on_policy"] = on_policy
     if layer_selection is not None:

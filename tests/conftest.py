@@ -542,6 +542,9 @@ def lm_recipe_args(teacher, output_dir, *extra, train_file="train.txt", validati
         "--latency_max_blocks", "8",
         "--num_sample_generations", "2",
         "--sample_max_new_tokens", "4",
+        "--scored_prompts", "3",
+        "--scored_prompt_tokens", "8",
+        "--scored_new_tokens", "4",
         "--teacher_cache_dir", output_dir + "_cache",
         *extra,
     ]

@@ -77,7 +77,8 @@ def test_greedy_removal_matches_a_brute_force_search_over_shallower_copies():
             losses[layer] = mean_loss(init_student_from_teacher(model, len(kept), kept).eval(), batches)
         best = min(losses, key=losses.get)
         assert sorted(losses.values())[1] - losses[best] > 1e-4  # not a tie: the order is meaningful
-        assert record == {"layer": best, "loss": pytest.approx(losses[best], rel=1e-5)}
+        assert (record["layer"], record["loss"]) == (best, pytest.approx(losses[best], rel=1e-5))
+        assert record["tried"] == pytest.approx(losses, rel=1e-5)
         removed.append(best)
     assert len(removed) == 3 and kept_layers(5, removed) == [layer for layer in range(5) if layer not in removed]
     assert not model.training
@@ -87,3 +88,18 @@ def test_greedy_removal_refuses_a_depth_outside_the_model():
     with pytest.raises(ValueError, match="num_layers=0 must be between 1 and the model's 2 layers"):
         greedy_layer_removal(tiny_llama(2), lm_batches(1), num_layers=0, show_progress=False)
 
+
+
+def test_greedy_removal_with_few_candidates_tries_the_cheapest_removals_of_the_round_before():
+    model, batches = sharpened_llama(6, seed=5), lm_batches(2)
+    exact = greedy_layer_removal(model, batches, num_layers=2, show_progress=False)
+    narrow = greedy_layer_removal(model, batches, num_layers=2, show_progress=False, candidates=2)
+    assert sorted(narrow[1]["tried"]) == list(range(6)) and narrow[1]["tried"] == exact[1]["tried"]
+    removed, latest = [narrow[1]["layer"]], dict(narrow[1]["tried"])
+    for record in narrow[2:]:
+        remaining = [layer for layer in range(6) if layer not in removed]
+        assert sorted(record["tried"]) == sorted(sorted(remaining, key=latest.get)[:2])
+        assert record["layer"] == min(record["tried"], key=record["tried"].get)
+        latest.update(record["tried"])
+        removed.append(record["layer"])
+    assert len(narrow) == len(exact) == 5

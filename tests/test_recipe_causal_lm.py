@@ -63,6 +63,22 @@ def test_report_has_three_rows_whose_perplexity_and_agreement_match_a_numpy_refe
         assert rows[name]["all_metrics"]["teacher_agreement"] == pytest.approx(agreement, abs=1e-6)
         assert rows[name]["size_bytes"] == os.path.getsize(os.path.join(folder, "model.safetensors"))
         assert rows[name]["examples_per_second"] > 0
+    # Each model's greedy continuation of the first 3 blocks' first 8 tokens (4 tokens, end-of-text suppressed),
+    # scored by the teacher: the mean log-probability of a generated token.
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    for name, folder in (("teacher", teacher), ("baseline", f"{output_dir}/baseline"),
+                         ("student", f"{output_dir}/student")):
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        sequences = blocks[:3, :8]
+        with torch.no_grad():
+            for _ in range(4):
+                logits = model(input_ids=torch.tensor(sequences)).logits[:, -1].numpy()
+                logits[:, model.config.eos_token_id] = -np.inf
+                sequences = np.concatenate([sequences, logits.argmax(-1)[:, None]], axis=1)
+            scores = log_softmax(teacher_model(input_ids=torch.tensor(sequences)).logits.double().numpy(), -1)
+        expected = np.take_along_axis(scores[:, 7:-1], sequences[:, 8:, None], -1).mean()
+        assert rows[name]["all_metrics"]["teacher_log_likelihood"] == pytest.approx(expected, rel=1e-5)
+    assert report["scored_continuations"] == {"prompts": 3, "prompt_tokens": 8, "new_tokens": 4}
     assert rows["student"]["num_parameters"] < rows["teacher"]["num_parameters"]
     assert rows["baseline"]["num_parameters"] == rows["student"]["num_parameters"]
     # retention of a lower-is-better metric: the teacher's perplexity over the model's

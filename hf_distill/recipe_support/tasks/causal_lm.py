@@ -204,3 +204,30 @@ def greedy_generations(model, tokenizer, prompts: list[str], max_new_tokens: int
                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
         outputs.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
     return outputs
+
+
+@torch.inference_mode()
+def teacher_scored_continuations(model, teacher, prompts: torch.Tensor, max_new_tokens: int,
+                                 batch_size: int = 8) -> dict:
+    """How likely the teacher finds `model`'s greedy continuations of `prompts` `(num_prompts, prompt_length)`
+    (full-length token prompts, e.g. the starts of held-out blocks): the quantity on-policy distillation raises.
+    Every continuation has exactly `max_new_tokens` tokens (end-of-text is suppressed until then).
+
+    Returns:
+        `{"teacher_log_likelihood": mean log-probability a generated token has under the teacher, "num_tokens"}`.
+    """
+    model.eval()
+    teacher.eval()
+    config = model.generation_config
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    total, count = 0.0, 0
+    for batch in prompts.split(batch_size):
+        batch = batch.to(next(model.parameters()).device)
+        generated = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=max_new_tokens,
+                                   min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id)
+        generated = generated.to(next(teacher.parameters()).device)
+        logits = teacher(input_ids=generated).logits[:, batch.shape[1] - 1: -1].float()
+        new_tokens = generated[:, batch.shape[1]:]
+        total += logits.log_softmax(-1).gather(-1, new_tokens[..., None]).sum().item()
+        count += new_tokens.numel()
+    return {"teacher_log_likelihood": total / count, "num_tokens": count}
