@@ -28,11 +28,6 @@ FUSED_CHUNK_ELEMENTS = 2**24
 CHECKED_ROWS = 16
 
 
-def matmul_dtype(device_type: str) -> torch.dtype:
-    """bfloat16 or float16 under autocast on `device_type`, float32 otherwise."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else torch.float32
-
-
 def matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`a @ b` with both in `dtype` (AMX / tensor cores for bfloat16), returned in float32."""
     with torch.autocast(a.device.type, enabled=False):
@@ -51,14 +46,14 @@ class OutputLayer:
     softcap: float | None = None
     num_classes: int | None = None
 
-    def project(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    def project(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float32):
         """Float32 logits before the transform, `(rows, classes)`; `weight` and `bias` default to the layer's. The
-        matmul runs in the autocast dtype where autocast is on (as the model's own output layer would), its result
-        and everything after in float32."""
+        matmul runs in `dtype` (the autocast dtype the model's own output layer ran in), the rest in float32."""
         weight = self.classes(self.weight) if weight is None else weight
         if bias is None and self.bias is not None:
             bias = self.classes(self.bias).float()
-        logits = matmul(hidden, weight.T, matmul_dtype(hidden.device.type))
+        logits = matmul(hidden, weight.T, dtype)
         return logits if bias is None else logits + bias
 
     def transform(self, logits: torch.Tensor) -> torch.Tensor:
@@ -69,9 +64,9 @@ class OutputLayer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 logits `(rows, classes)` of hidden states `(rows, hidden)`."""
-        return self.transform(self.project(hidden))
+    def logits(self, hidden: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float32 logits `(rows, classes)` of hidden states `(rows, hidden)`, the matmul in `dtype`."""
+        return self.transform(self.project(hidden, dtype=dtype))
 
     def classes(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor if self.num_classes is None else tensor[: self.num_classes]
@@ -101,12 +96,15 @@ def output_layer_of(model: nn.Module, num_classes: int | None = None) -> OutputL
 @contextmanager
 def capture_output_layer_input(model: nn.Module, skip: bool):
     """Within the block, `captured[0]` is the input of `model`'s output layer at its latest forward, `(rows, hidden)`
-    or `(batch, seq_len, hidden)`. With `skip=True` the layer is given zero rows instead, so the model's logits are
-    empty and never computed."""
-    captured: list[torch.Tensor] = []
+    or `(batch, seq_len, hidden)`, and `captured[1]` the dtype that layer's matmul runs in there (the autocast
+    dtype inside a forward that accelerate wraps in autocast, else float32). With `skip=True` the layer is given zero
+    rows instead, so the model's logits are empty and never computed."""
+    captured: list = []
 
     def hook(_module, args):
-        captured[:] = [args[0]]
+        device = args[0].device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        captured[:] = [args[0], dtype]
         if skip:
             return (args[0][..., :0, :],)
         return None
@@ -124,9 +122,10 @@ class ProjectedRows:
 
     hidden: torch.Tensor
     layer: OutputLayer
+    dtype: torch.dtype = torch.float32  # of the output layer's matmul (the model's autocast dtype)
 
     def logits(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.layer.logits(self.hidden[start:stop])
+        return self.layer.logits(self.hidden[start:stop], self.dtype)
 
 
 def target_rows(target, start: int, stop: int):
@@ -147,10 +146,9 @@ class _FusedVocabularyLoss(torch.autograd.Function):
     weight and bias computed chunk by chunk in the forward pass and scaled by the incoming gradient in backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, layer, target, label_targets, kd_weights, ce_weights, row_terms,
+    def forward(ctx, hidden, weight, bias, layer, dtype, target, label_targets, kd_weights, ce_weights, row_terms,
                 rows_per_chunk, needs_grad, on_teacher_chunk):
         rows = hidden.shape[0]
-        dtype = matmul_dtype(hidden.device.type)
         classes_weight = layer.classes(weight).detach().float()
         matmul_weight = classes_weight.to(dtype)  # cast once, not per chunk
         classes_bias = None if bias is None else layer.classes(bias).detach().float()
@@ -169,7 +167,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
             teacher = (teacher.ids, teacher.log_probs, teacher.rest_probs) if isinstance(teacher, TopKTarget) else (
                 teacher,)
             with torch.enable_grad():
-                projected = layer.project(chunk_hidden, matmul_weight, classes_bias).requires_grad_(needs_grad)
+                projected = layer.project(chunk_hidden, matmul_weight, classes_bias, dtype).requires_grad_(needs_grad)
                 logits = layer.transform(projected)
                 terms = row_terms(logits, label_targets[start:stop], *teacher)
                 if needs_grad:
@@ -203,7 +201,7 @@ class _FusedVocabularyLoss(torch.autograd.Function):
         for grad in grads:
             if grad is not None:
                 grad.mul_(grad_total.to(grad.dtype))
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_vocabulary_loss(
@@ -240,7 +238,8 @@ def fused_vocabulary_loss(
     with torch.no_grad():
         kd_weights, ce_weights = kd_weights.detach().float(), ce_weights.detach().float()
     return _FusedVocabularyLoss.apply(
-        student.hidden, layer.weight, layer.bias, layer, target, label_targets, kd_weights, ce_weights, row_terms,
+        student.hidden, layer.weight, layer.bias, layer, student.dtype, target, label_targets, kd_weights, ce_weights,
+        row_terms,
         rows_per_chunk or chunk_rows(num_classes), needs_grad, on_teacher_chunk,
     )
 
@@ -278,7 +277,7 @@ class FusedForward:
         with capture_output_layer_input(model, skip=True) as captured:
             outputs = forward(batch)
         hidden = captured[0] if captured[0].dim() == 2 else captured[0][units.kd]
-        return outputs, ProjectedRows(hidden, self.layer)
+        return outputs, ProjectedRows(hidden, self.layer, captured[1])
 
     def _check(self, model: nn.Module, forward: Callable, batch: dict, units: Units) -> None:
         counted = units.kd.reshape(units.kd.shape[0], -1).sum(1)
@@ -297,9 +296,10 @@ class FusedForward:
         logits = logits.reshape(-1, logits.shape[-1])
         with torch.no_grad():
             expected = self.layer.classes(logits.T).T.float()
-            projected = self.layer.logits(hidden)
-        # float32 models agree to rounding; bf16/fp16 ones to their precision.
-        tolerance = 1e-4 if logits.dtype == torch.float32 else 3e-2
+            projected = self.layer.logits(hidden, captured[1])
+        # float32 models agree to rounding; bf16/fp16 ones, or any under autocast, to that precision.
+        exact = logits.dtype == torch.float32 and captured[1] == torch.float32
+        tolerance = 1e-4 if exact else 3e-2
         scale = expected.abs().max().item() + 1.0
         if expected.shape == projected.shape and (expected - projected).abs().max().item() <= tolerance * scale:
             self.path = "fused"
