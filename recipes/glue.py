@@ -69,14 +69,6 @@ class ModelArguments(stages.TeacherStudentArguments):
             "(all-MiniLM-L6-v2 fine-tuned with seeds 1 and 2 gives two teachers). Default: --seed."
         },
     )
-    finetune_teacher: str = field(
-        default="auto",
-        metadata={
-            "help": "Fine-tune the teacher on the task first: 'auto' (when its checkpoint has no head for the "
-            "task), 'yes' or 'no'.",
-            "choices": ["auto", "yes", "no"],
-        },
-    )
 
     def __post_init__(self):
         # A YAML file may give one teacher as a plain string.
@@ -309,9 +301,7 @@ def main(argv=None):
         teachers[spec.name], head_is_new = load_classifier(spec.name_or_path, task)
         check_tokenizer_vocabulary(tokenizer, teachers[spec.name].config.vocab_size)
         check_max_seq_length(data_args.max_seq_length, teachers[spec.name].config)
-        finetuned[spec.name] = model_args.finetune_teacher == "yes" or (
-            model_args.finetune_teacher == "auto" and head_is_new
-        )
+        finetuned[spec.name] = model_args.finetunes_teacher(head_is_new)
         if spec.seed is not None and not finetuned[spec.name]:
             raise ValueError(
                 f"--teacher_seeds seed the teachers' fine-tuning, but {spec.name_or_path} already has a head for "

