@@ -142,14 +142,16 @@ def tiny_qwen2():
 
 
 class TeacherSpy:
-    """Forward hook recording each teacher call: rows, train mode, and whether autograd was on."""
+    """Forward hook recording each teacher call: rows, tokens a row, train mode, and whether autograd was on."""
 
     def __init__(self, teacher):
         self.calls = []
-        teacher.register_forward_hook(self._record)
+        teacher.register_forward_hook(self._record, with_kwargs=True)
 
-    def _record(self, module, args, output):
+    def _record(self, module, args, kwargs, output):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
         self.calls.append({
+            "tokens": int(input_ids.shape[1]),
             "rows": int(output.logits.shape[0]),
             "training": module.training,
             "grad_enabled": torch.is_grad_enabled(),
@@ -269,6 +271,15 @@ def scenario_cached(workdir, engine) -> dict:
     return run(workdir, engine, use_teacher_cache=True)[1]
 
 
+def scenario_on_policy(workdir, engine) -> dict:
+    """Every batch the student's own greedy completions (lmbda 1) of each row's first 2 tokens, scored by the online
+    teacher; under ZeRO-3 the student generates with its weights gathered on each rank."""
+    trainer, results = run(workdir, engine, use_teacher_cache=False, lmbda=1.0, prompt_tokens=2, max_new_tokens=5,
+                           on_policy_temperature=0.0)
+    results.update(on_policy_batches=trainer.on_policy.batches, student_training=trainer.model.training)
+    return results
+
+
 def scenario_refused(workdir, engine) -> dict:
     """Teachers the engine cannot place, each refused when the trainer is built: the messages."""
     spread = make_teacher()
@@ -293,6 +304,7 @@ SCENARIOS = {
     "online": scenario_online,
     "resume": scenario_resume,
     "cached": scenario_cached,
+    "on_policy": scenario_on_policy,
     "refused": scenario_refused,
 }
 

@@ -35,6 +35,8 @@ LAUNCH_TIMEOUT_S = 900
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(hf_distill.__file__)))
 CONFIGS = os.path.join(REPO, "recipes", "configs", "accelerate")
 SCENARIOS = ["online", "resume", "cached", "refused"]
+# FSDP refuses on-policy training (generation with sharded weights): DeepSpeed ZeRO-3 gathers them.
+ENGINE_SCENARIOS = {"deepspeed": ["on_policy"]}
 CPU_FSDP_ENV = {"ACCELERATE_USE_CPU": "true"}
 ENGINES = {
     "fsdp2": {"config": "fsdp2.yaml", "flags": [], "env": CPU_FSDP_ENV,
@@ -76,7 +78,7 @@ class Launch:
             "--num_processes", str(NUM_PROCESSES), "--num_machines", "1", "--mixed_precision", "no",
             # Port 0: the launcher binds a free port itself.
             "--dynamo_backend", "no", "--main_process_port", "0", *spec["flags"],
-            worker.__file__, engine, out_dir, *SCENARIOS,
+            worker.__file__, engine, out_dir, *SCENARIOS, *ENGINE_SCENARIOS.get(engine, []),
         ]
         env = {key: value for key, value in os.environ.items() if not key.startswith(("ACCELERATE_", "FSDP_"))}
         env.update(
@@ -137,19 +139,19 @@ def reference(tmp_path_factory):
     torch.set_num_threads(1)  # as each rank runs
     try:
         runs = {scenario: worker.run_scenario(scenario, str(out_dir / scenario), "one_process")
-                for scenario in ("online", "resume", "cached")}
+                for scenario in ("online", "resume", "cached", "on_policy")}
     finally:
         torch.set_num_threads(threads)
     return runs
 
 
-def assert_same_logs(ranks, expected_logs, rel=1e-5, term_abs=2e-6):
+def assert_same_logs(ranks, expected_logs, rel=1e-5, term_abs=2e-6, keys=worker.LOGGED_KEYS):
     """Per-step logs equal on both ranks and equal to `expected_logs` (`loss_*` terms are rounded to 6 decimals)."""
     assert ranks[0]["logs"] == ranks[1]["logs"], "the two ranks logged different values"
     logs = ranks[0]["logs"]
     assert [entry["step"] for entry in logs] == [entry["step"] for entry in expected_logs]
     for entry, expected in zip(logs, expected_logs):
-        for key in worker.LOGGED_KEYS:
+        for key in keys:
             tolerance = {"abs": term_abs} if key.startswith("loss_") else {"rel": rel}
             assert entry[key] == pytest.approx(expected[key], **tolerance), (
                 f"step {entry['step']} '{key}': 2 processes give {entry[key]}, 1 process {expected[key]}"
@@ -189,6 +191,19 @@ def test_online_teacher_is_sharded_and_losses_match_one_process(launch, referenc
     # One teacher call per step on each rank, on its half of the batch (ZeRO-3 needs both ranks in every call).
     for step, expected in enumerate(one_process["teacher_calls_training"]):
         assert sum(result["teacher_calls_training"][step]["rows"] for result in ranks) == expected["rows"]
+
+
+def test_on_policy_under_zero3_generates_with_gathered_weights_and_matches_one_process(launch, reference):
+    ranks, one_process = launch("deepspeed").results("on_policy"), reference["on_policy"]
+    assert_engine(ranks, "deepspeed")
+    assert one_process["on_policy_batches"] == [(step, 0) for step in range(worker.NUM_STEPS)]
+    assert ranks[0]["on_policy_batches"] == ranks[1]["on_policy_batches"] == one_process["on_policy_batches"]
+    assert_same_logs(ranks, one_process["logs"], keys=("loss", "grad_norm", "loss_kd"))
+    # The teacher scored prompt + completion rows (longer than the 2-token prompts), half the batch on each rank.
+    for step, expected in enumerate(one_process["teacher_calls_training"]):
+        assert expected["tokens"] > 2
+        assert sum(result["teacher_calls_training"][step]["rows"] for result in ranks) == expected["rows"]
+    assert ranks[0]["student_training"] and ranks[1]["student_training"]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
