@@ -38,6 +38,7 @@ from hf_distill.recipe_support.report import (
     compare_throughput,
     count_parameters,
     size_on_disk,
+    without_autocast,
     write_report,
 )
 from hf_distill.recipe_support.stages import claim_output_dir
@@ -292,6 +293,8 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     """Perplexity, agreement with the teacher, size and CPU tokens/s of each model, and sample generations; and
     `on_policy`, which training micro-batches were the student's own completions; `layer_selection`, how the
     student's layers were chosen (`choose_layers`)."""
+    # Every model in its own dtype, as saved: a student trained with --bf16 is not scored in bf16 against the teacher.
+    rows_models = [(name, without_autocast(model), path) for name, model, path in rows_models]
     metrics = {}
     teacher_predictions = None
     teacher = rows_models[0][1]

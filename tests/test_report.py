@@ -14,6 +14,7 @@ from hf_distill.recipe_support.report import (
     measure_latency,
     report_to_markdown,
     size_on_disk,
+    without_autocast,
     write_report,
 )
 
@@ -111,3 +112,28 @@ def test_compare_throughput_keeps_each_models_fastest_round(student, teacher, to
     result = compare_throughput({"student": student, "teacher": teacher}, dataset, collator, batch_size=3, rounds=3)
     assert calls == [student, teacher] * 3
     assert result == {"student": 30.0, "teacher": 50.0}
+
+
+def test_throughput_runs_a_model_trained_in_bf16_without_its_autocast(tmp_path, tokenizer):
+    """A Trainer with bf16=True leaves the model's forward wrapped in autocast: timed like that, a student would run
+    in bfloat16 against a float32 teacher. `without_autocast` restores the model's own float32 forward."""
+    import copy
+
+    import torch
+    from conftest import tiny_bert
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_bert(hidden_size=64, num_layers=2)
+    args = TrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, max_steps=1, report_to=[],
+                             save_strategy="no", per_device_train_batch_size=4)
+    trainer = Trainer(model=model, args=args, train_dataset=toy_dataset(8),
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    reference = copy.deepcopy(trainer.model)
+    reference.forward = type(reference).forward.__get__(reference)
+    batch = {"input_ids": torch.randint(5, 90, (2, 9))}
+    with torch.no_grad():
+        expected = reference(**batch).logits
+        assert not torch.equal(trainer.model(**batch).logits, expected)  # the bf16 forward
+        unwrapped = without_autocast(trainer.model)
+        assert unwrapped is model and torch.equal(model(**batch).logits, expected)

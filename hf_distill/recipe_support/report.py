@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -114,10 +115,18 @@ def measure_latency(
     }
 
 
+def without_autocast(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` without the autocast that accelerate's mixed precision wraps around a trained model's forward (and
+    without a DDP wrapper), in place: a report runs every model in its own dtype, as it is saved and deployed."""
+    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
+
+
 def compare_throughput(
     models: dict[str, torch.nn.Module], dataset, data_collator, batch_size: int = 32, rounds: int = 3
 ) -> dict[str, float]:
     """Examples per second of each model over `dataset`, measured in interleaved rounds; the best round counts.
+    Every model runs in its own dtype (`without_autocast`): a model trained with `bf16=True` is not timed in bf16
+    against a teacher in float32.
 
     Every round times one full pass of each model in turn, so load from other processes hits all models alike;
     the fastest pass of each model is the least disturbed one.
@@ -125,6 +134,7 @@ def compare_throughput(
     Returns:
         `{name: examples_per_second}`.
     """
+    models = {name: without_autocast(model) for name, model in models.items()}
     best = dict.fromkeys(models, 0.0)
     for _ in range(rounds):
         for name, model in models.items():
