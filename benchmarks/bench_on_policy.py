@@ -37,6 +37,12 @@ from hf_distill.student_init import init_student_from_teacher
 WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
 
 
+def scored(model, teacher, prompts, max_new_tokens) -> dict:
+    """`teacher_scored_continuations`, its token count named apart from the held-out perplexity's."""
+    result = teacher_scored_continuations(model, teacher, prompts, max_new_tokens)
+    return {"teacher_log_likelihood": result["teacher_log_likelihood"], "scored_tokens": result["num_tokens"]}
+
+
 class StopAfter(TrainerCallback):
     """Stop training once `seconds` of wall-clock have passed since it began."""
 
@@ -83,11 +89,11 @@ def main():
     teacher_eval = evaluate_lm(teacher, held_out)
     teacher_top = teacher_eval.pop("predictions")
     results = {"settings": vars(args), "teacher": teacher_eval, "variants": {}}
-    results["teacher"].update(teacher_scored_continuations(teacher, teacher, prompts, args.max_new_tokens))
+    results["teacher"].update(scored(teacher, teacher, prompts, args.max_new_tokens))
     init = init_student_from_teacher(teacher, len(layers), layers)
     results["init"] = {key: value for key, value in evaluate_lm(init, held_out, teacher_predictions=teacher_top).items()
                        if key != "predictions"}
-    results["init"].update(teacher_scored_continuations(init, teacher, prompts, args.max_new_tokens))
+    results["init"].update(scored(init, teacher, prompts, args.max_new_tokens))
     print(f"teacher {results['teacher']}\ninit {results['init']}", flush=True)
 
     for seed in args.seeds:
@@ -111,7 +117,7 @@ def main():
             student = trainer.student
             metrics = evaluate_lm(student, held_out, teacher_predictions=teacher_top)
             metrics.pop("predictions")
-            metrics.update(teacher_scored_continuations(student, teacher, prompts, args.max_new_tokens))
+            metrics.update(scored(student, teacher, prompts, args.max_new_tokens))
             on_policy = len(trainer.on_policy.batches) if trainer.on_policy is not None else 0
             metrics.update(steps=trainer.state.global_step, train_runtime=runtime, on_policy_batches=on_policy)
             results["variants"].setdefault(spec, []).append(metrics)
