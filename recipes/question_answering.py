@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import datasets
 from datasets import concatenate_datasets
-from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, Trainer, set_seed
+from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
 from hf_distill.recipe_support import stages
@@ -30,11 +30,15 @@ from hf_distill.recipe_support.models import check_same_tokenizer, load_model, l
 from hf_distill.recipe_support.stages import (
     OneTeacherArguments,
     claim_output_dir,
+    create_student_card,
+    finetune_and_save_teacher,
+    init_settings,
     new_student,
     parse_args,
     predict_model,
     push_student,
     run_record,
+    train_baseline,
     write_comparison,
 )
 from hf_distill.recipe_support.tasks.question_answering import (
@@ -175,18 +179,8 @@ def main(argv=None):
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(output_dir, "teacher")
-    finetune_teacher = model_args.finetunes_teacher(head_is_new)
-    if finetune_teacher:
-        Trainer(
-            model=teacher,
-            args=dataclasses.replace(training_args, output_dir=teacher_dir,
-                                     num_train_epochs=model_args.teacher_num_train_epochs,
-                                     learning_rate=model_args.teacher_learning_rate),
-            train_dataset=labelled, processing_class=tokenizer, data_collator=collator,
-        ).train()
-    if training_args.should_save:
-        teacher.save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(teacher_dir)
+    teacher_finetuned = finetune_and_save_teacher(teacher, tokenizer, model_args, training_args, labelled, collator,
+                                                  teacher_dir, head_is_new)
 
     # Stages 2-3: DistillationTrainer caches the teacher's start/end logits per feature, then distils.
     def student_init():
@@ -194,14 +188,7 @@ def main(argv=None):
 
     models = {"teacher": (teacher, teacher_dir)}
     if recipe_args.baseline:
-        baseline_dir = os.path.join(output_dir, "baseline")
-        baseline = Trainer(
-            model=student_init(), args=dataclasses.replace(training_args, output_dir=baseline_dir),
-            train_dataset=labelled, processing_class=tokenizer, data_collator=collator,
-        )
-        baseline.train()
-        baseline.save_model(baseline_dir)
-        models["baseline"] = (baseline.model, baseline_dir)
+        models["baseline"] = train_baseline(student_init(), labelled, tokenizer, collator, training_args, output_dir)
     student_dir = os.path.join(output_dir, "student")
     if recipe_args.distill:
         trainer = DistillationTrainer(
@@ -232,9 +219,7 @@ def main(argv=None):
         return
 
     settings = {
-        **({"teacher_finetune": {"epochs": model_args.teacher_num_train_epochs,
-                                 "learning_rate": model_args.teacher_learning_rate}} if finetune_teacher else {}),
-        **({"student_init": model_args.student_model_name_or_path} if model_args.student_model_name_or_path else {}),
+        **init_settings(model_args, teacher_finetuned),
         "labelled_questions": num_labelled,
         "transfer_questions": transfer_end - num_labelled,
         "labelled_features": len(labelled),
@@ -244,20 +229,9 @@ def main(argv=None):
         "max_seq_length": data_args.max_seq_length,
         "doc_stride": data_args.doc_stride,
     }
-    teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
-    trainer.create_model_card(
-        model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.student_model_name_or_path or teacher_id,
-        dataset=data_args.dataset_name or "local question-answering files",
-        dataset_args=data_args.dataset_config_name,
-        tags=["extractive-qa"],
-        teacher_model_name=teacher_id,
-        eval_results={name: metrics["student"][name] for name in CARD_METRICS},
-        report_markdown=markdown,
-        chart_path=report["chart"],
-        extra_settings=settings,
-        output_dir=student_dir,
-    )
+    create_student_card(trainer, model_args, data_args, training_args, report, markdown,
+                        local_dataset="local question-answering files", tags=["extractive-qa"],
+                        eval_results={name: metrics["student"][name] for name in CARD_METRICS}, settings=settings)
     if push_to_hub:
         push_student(student_dir, training_args)
 

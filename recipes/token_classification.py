@@ -24,7 +24,6 @@ from transformers import (
     AutoConfig,
     AutoModelForTokenClassification,
     DataCollatorForTokenClassification,
-    Trainer,
     set_seed,
 )
 
@@ -35,11 +34,15 @@ from hf_distill.recipe_support.stages import (
     OneTeacherArguments,
     RecipeArguments,
     claim_output_dir,
+    create_student_card,
     evaluate_model,
+    finetune_and_save_teacher,
+    init_settings,
     new_student,
     parse_args,
     push_student,
     run_record,
+    train_baseline,
     write_comparison,
 )
 from hf_distill.recipe_support.tasks.token_classification import (
@@ -180,18 +183,8 @@ def main(argv=None):
 
     # Stage 1: the teacher.
     teacher_dir = os.path.join(output_dir, "teacher")
-    finetune_teacher = model_args.finetunes_teacher(head_is_new)
-    if finetune_teacher:
-        Trainer(
-            model=teacher,
-            args=dataclasses.replace(training_args, output_dir=teacher_dir,
-                                     num_train_epochs=model_args.teacher_num_train_epochs,
-                                     learning_rate=model_args.teacher_learning_rate),
-            train_dataset=labelled, processing_class=tokenizer, data_collator=collator,
-        ).train()
-    if training_args.should_save:
-        teacher.save_pretrained(teacher_dir)
-        tokenizer.save_pretrained(teacher_dir)
+    teacher_finetuned = finetune_and_save_teacher(teacher, tokenizer, model_args, training_args, labelled, collator,
+                                                  teacher_dir, head_is_new)
 
     # Stages 2-3: DistillationTrainer caches the teacher's per-token logits with the data, then distils.
     def student_init():
@@ -207,15 +200,8 @@ def main(argv=None):
     trainer.save_model(student_dir)
     models = {"teacher": (teacher, teacher_dir), "student": (trainer.student, student_dir)}
     if recipe_args.baseline:
-        baseline_dir = os.path.join(output_dir, "baseline")
-        baseline = Trainer(
-            model=student_init(), args=dataclasses.replace(training_args, output_dir=baseline_dir),
-            train_dataset=labelled, processing_class=tokenizer, data_collator=collator,
-        )
-        baseline.train()
-        baseline.save_model(baseline_dir)
-        models = {"teacher": models["teacher"], "baseline": (baseline.model, baseline_dir),
-                  "student": models["student"]}
+        baseline = train_baseline(student_init(), labelled, tokenizer, collator, training_args, output_dir)
+        models = {"teacher": models["teacher"], "baseline": baseline, "student": models["student"]}
 
     # Evaluation is collective (sharded data, gathered predictions): every process runs it.
     metrics = {
@@ -235,28 +221,16 @@ def main(argv=None):
         print("test entity F1: " + ", ".join(f"{name} {m[MAIN_METRIC]:.4f}" for name, m in metrics["test"].items()))
 
     settings = {
-        **({"teacher_finetune": {"epochs": model_args.teacher_num_train_epochs,
-                                 "learning_rate": model_args.teacher_learning_rate}} if finetune_teacher else {}),
-        **({"student_init": model_args.student_model_name_or_path} if model_args.student_model_name_or_path else {}),
+        **init_settings(model_args, teacher_finetuned),
         "labelled_sentences": len(labelled),
         "transfer_sentences": len(distill) - len(labelled),
         "label_all_tokens": data_args.label_all_tokens,
         "max_seq_length": data_args.max_seq_length,
     }
-    teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
-    trainer.create_model_card(
-        model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
-        finetuned_from=model_args.student_model_name_or_path or teacher_id,
-        dataset=data_args.dataset_name or "local token-classification files",
-        dataset_args=data_args.dataset_config_name,
-        tags=["ner"],
-        teacher_model_name=teacher_id,
-        eval_results={name: metrics["validation"]["student"][name] for name in CARD_METRICS},
-        report_markdown=markdown,
-        chart_path=report["chart"],
-        extra_settings=settings,
-        output_dir=student_dir,
-    )
+    create_student_card(trainer, model_args, data_args, training_args, report, markdown,
+                        local_dataset="local token-classification files", tags=["ner"],
+                        eval_results={name: metrics["validation"]["student"][name] for name in CARD_METRICS},
+                        settings=settings)
     with open(os.path.join(student_dir, "test_results.json"), "w") as file:
         json.dump(metrics.get("test", {}).get("student", {}), file, indent=2)
     if push_to_hub:

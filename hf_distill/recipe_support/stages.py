@@ -155,6 +155,66 @@ def new_student(teacher, auto_class, model_args, num_labels: int, id2label: dict
     return init_student_from_teacher(teacher, model_args.student_num_layers, model_args.student_layers())
 
 
+def finetune_and_save_teacher(teacher, tokenizer, model_args, training_args, train_dataset, collator, teacher_dir: str,
+                              head_is_new: bool) -> bool:
+    """Stage 1 of a one-teacher recipe: `teacher` fine-tuned on `train_dataset` first when
+    `model_args.finetunes_teacher(head_is_new)`, then saved with `tokenizer` in `teacher_dir` by the saving process.
+    Returns whether it was fine-tuned."""
+    finetuned = model_args.finetunes_teacher(head_is_new)
+    if finetuned:
+        Trainer(
+            model=teacher,
+            args=dataclasses.replace(training_args, output_dir=teacher_dir,
+                                     num_train_epochs=model_args.teacher_num_train_epochs,
+                                     learning_rate=model_args.teacher_learning_rate),
+            train_dataset=train_dataset, processing_class=tokenizer, data_collator=collator,
+        ).train()
+    if training_args.should_save:
+        teacher.save_pretrained(teacher_dir)
+        tokenizer.save_pretrained(teacher_dir)
+    return finetuned
+
+
+def train_baseline(model, train_dataset, tokenizer, collator, training_args, output_dir: str) -> tuple:
+    """The label-only baseline: `model` trained by a plain `Trainer` with the run's settings and saved in
+    `output_dir/baseline`. Returns `(trained model, folder)`."""
+    baseline_dir = os.path.join(output_dir, "baseline")
+    baseline = Trainer(model=model, args=dataclasses.replace(training_args, output_dir=baseline_dir),
+                       train_dataset=train_dataset, processing_class=tokenizer, data_collator=collator)
+    baseline.train()
+    baseline.save_model(baseline_dir)
+    return baseline.model, baseline_dir
+
+
+def init_settings(model_args, teacher_finetuned: bool) -> dict:
+    """The card settings of the teacher's fine-tuning here (if any) and of a student loaded from a checkpoint."""
+    return {
+        **({"teacher_finetune": {"epochs": model_args.teacher_num_train_epochs,
+                                 "learning_rate": model_args.teacher_learning_rate}} if teacher_finetuned else {}),
+        **({"student_init": model_args.student_model_name_or_path} if model_args.student_model_name_or_path else {}),
+    }
+
+
+def create_student_card(trainer, model_args, data_args, training_args, report: dict, markdown: str, *,
+                        local_dataset: str, tags: list[str], eval_results: dict, settings: dict) -> None:
+    """The card of a one-teacher recipe's student (`trainer.args.output_dir`): the teacher by its Hub id, the data
+    (`local_dataset` names local files), the report and `settings`."""
+    teacher_id = model_args.teacher_hub_id or model_args.teacher_model_name_or_path
+    trainer.create_model_card(
+        model_name=training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir)),
+        finetuned_from=model_args.student_model_name_or_path or teacher_id,
+        dataset=data_args.dataset_name or local_dataset,
+        dataset_args=data_args.dataset_config_name,
+        tags=tags,
+        teacher_model_name=teacher_id,
+        eval_results=eval_results,
+        report_markdown=markdown,
+        chart_path=report["chart"],
+        extra_settings=settings,
+        output_dir=trainer.args.output_dir,
+    )
+
+
 def evaluate_model(model, eval_dataset, collator, compute_metrics, training_args, prefix: str = "eval",
                    compute_loss_func=None) -> dict:
     """Task metrics of one model, without the prefix. Every process must call it: Trainer.evaluate shards the
