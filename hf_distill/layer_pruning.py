@@ -46,7 +46,8 @@ def mean_loss(model, batches) -> float:
 def block_influence(model, batches) -> list[float]:
     """ShortGPT's block influence of each layer of the stack, `(num_layers,)`: 1 − the mean cosine similarity of
     its input and output hidden states over the tokens whose `attention_mask` is 1 (all when there is none). Read
-    by hooks on the layers themselves: `hidden_states[-1]` of many decoders is after the final norm."""
+    by hooks on the layers themselves: `hidden_states[-1]` of many decoders is after the final norm. The model runs
+    in eval mode; its mode is restored afterwards."""
     _, stack = find_layer_stack(model)
     similarity, count = torch.zeros(len(stack), dtype=torch.float64), 0
     mask = None
@@ -60,6 +61,8 @@ def block_influence(model, batches) -> list[float]:
         return hook
 
     handles = [layer.register_forward_hook(measure(index), with_kwargs=True) for index, layer in enumerate(stack)]
+    was_training = model.training
+    model.eval()
     try:
         for batch in batches:
             input_ids = batch["input_ids"]
@@ -69,6 +72,7 @@ def block_influence(model, batches) -> list[float]:
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     return (1 - similarity / count).tolist()
 
 
@@ -145,9 +149,7 @@ def choose_layers(model, batches, num_layers: int, method: str, show_progress: b
         return {"method": method, "kept": kept_layers(depth, removed), "removed": removed,
                 "losses": [record["loss"] for record in records]}
     if method == "block_influence":
-        was_training = model.training
-        influence = block_influence(model.eval(), batches)
-        model.train(was_training)
+        influence = block_influence(model, batches)
         kept = most_influential(influence, num_layers)
         removed = sorted(set(range(depth)) - set(kept), key=lambda layer: influence[layer])
         return {"method": method, "kept": kept, "removed": removed, "influence": influence}

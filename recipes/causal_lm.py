@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
-from transformers import Trainer, default_data_collator, set_seed
+from transformers import default_data_collator, set_seed
 from transformers.utils import logging
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
@@ -224,14 +224,8 @@ def main(argv=None):
         tokenizer.save_pretrained(teacher_dir)
     rows_models = [("teacher", teacher, teacher_dir)]
     if recipe_args.baseline:  # Stage 4 first: it reads the same init before distillation changes anything.
-        baseline_dir = os.path.join(output_dir, "baseline")
-        baseline_trainer = Trainer(
-            model=new_student(), args=dataclasses.replace(training_args, output_dir=baseline_dir),
-            train_dataset=lm_train, processing_class=tokenizer, data_collator=default_data_collator,
-        )
-        baseline_trainer.train()
-        baseline_trainer.save_model(baseline_dir)
-        rows_models.append(("baseline", baseline_trainer.model, baseline_dir))
+        rows_models.append(("baseline", *stages.train_baseline(new_student(), lm_train, tokenizer,
+                                                               default_data_collator, training_args, output_dir)))
     trainer = None
     if recipe_args.distill:  # Stage 3.
         student_dir = os.path.join(output_dir, "student")
@@ -298,8 +292,8 @@ def compare_models(rows_models, eval_blocks, eval_text, tokenizer, data_args, re
     metrics = {}
     teacher_predictions = None
     teacher = rows_models[0][1]
-    scored_prompts = torch.tensor(eval_blocks[: max(1, recipe_args.scored_prompts)]["input_ids"],
-                                  dtype=torch.long)[: recipe_args.scored_prompts, : recipe_args.scored_prompt_tokens]
+    scored_prompts = torch.tensor(eval_blocks[: recipe_args.scored_prompts]["input_ids"], dtype=torch.long).reshape(
+        -1, data_args.block_size)[:, : recipe_args.scored_prompt_tokens]
     for name, model, _ in rows_models:
         result = evaluate_lm(model.to("cpu"), eval_blocks, teacher_predictions=teacher_predictions)
         if name == "teacher":
