@@ -230,15 +230,13 @@ def save_ner_teacher(folder, with_head=False, num_labels=9, id2label=None):
     return folder
 
 
-def ner_recipe_args(teacher, output_dir, *extra):
-    """Command-line arguments of a fast token-classification run on the NER fixtures; `extra` are appended."""
+def fast_one_teacher_args(teacher, output_dir):
+    """The settings of a fast one-teacher recipe run (token classification, QA): a 2-layer student, one epoch of
+    each training at 1e-3, one throughput round, nothing saved or reported beyond the run's folder."""
     return [
-        "--train_file", os.path.join(NER_FIXTURES, "train.jsonl"),
-        "--validation_file", os.path.join(NER_FIXTURES, "validation.jsonl"),
         "--teacher_model_name_or_path", teacher,
         "--student_num_layers", "2",
         "--output_dir", output_dir,
-        "--max_seq_length", "48",
         "--per_device_train_batch_size", "16",
         "--num_train_epochs", "1",
         "--teacher_num_train_epochs", "1",
@@ -251,6 +249,16 @@ def ner_recipe_args(teacher, output_dir, *extra):
         "--latency_batch_size", "16",
         "--latency_rounds", "1",
         "--teacher_cache_dir", output_dir + "_cache",
+    ]
+
+
+def ner_recipe_args(teacher, output_dir, *extra):
+    """Command-line arguments of a fast token-classification run on the NER fixtures; `extra` are appended."""
+    return [
+        "--train_file", os.path.join(NER_FIXTURES, "train.jsonl"),
+        "--validation_file", os.path.join(NER_FIXTURES, "validation.jsonl"),
+        "--max_seq_length", "48",
+        *fast_one_teacher_args(teacher, output_dir),
         *extra,
     ]
 
@@ -632,23 +640,9 @@ def qa_recipe_args(teacher, output_dir, *extra, validation_file="validation.json
     return [
         "--train_file", os.path.join(QA_FIXTURES, "train.jsonl"),
         "--validation_file", os.path.join(QA_FIXTURES, validation_file),
-        "--teacher_model_name_or_path", teacher,
-        "--student_num_layers", "2",
-        "--output_dir", output_dir,
         "--max_seq_length", "40",
         "--doc_stride", "12",
         "--max_answer_length", "12",
-        "--per_device_train_batch_size", "16",
-        "--num_train_epochs", "1",
-        "--teacher_num_train_epochs", "1",
-        "--learning_rate", "1e-3",
-        "--teacher_learning_rate", "1e-3",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--use_cpu", "true",
-        "--disable_tqdm", "true",
-        "--latency_batch_size", "16",
-        "--latency_rounds", "1",
-        "--teacher_cache_dir", output_dir + "_cache",
+        *fast_one_teacher_args(teacher, output_dir),
         *extra,
     ]
