@@ -88,7 +88,7 @@ def greedy_layer_removal(model, batches, num_layers: int, show_progress: bool = 
 
     Args:
         candidates: after the first round (every layer), try only this many layers a round: those whose removal
-            cost least in the round before. None tries every remaining layer every round (exact greedy).
+            cost least when last tried. None tries every remaining layer every round (exact greedy).
 
     Returns:
         One record a removal, in order: `{"layer": 0-based index, "loss": the loss without it and all before it,
@@ -127,7 +127,8 @@ def greedy_layer_removal(model, batches, num_layers: int, show_progress: bool = 
 
 def kept_layers(num_layers_total: int, removed: list[int]) -> list[int]:
     """The 0-based layers left, in order, once `removed` are gone."""
-    return [layer for layer in range(num_layers_total) if layer not in set(removed)]
+    gone = set(removed)
+    return [layer for layer in range(num_layers_total) if layer not in gone]
 
 
 MEASURED_LAYER_CHOICES = ("greedy_removal", "block_influence")
